@@ -1,0 +1,120 @@
+"""The configuration schema shared by every file in ``configs/``, and its validation.
+
+Config files are code: each defines ``get_config(arg=None)``, starts from
+:func:`base_config` and overrides what its experiment needs; ``file.py:variant``
+passes ``variant`` as ``arg``. Every field can be overridden from the command line,
+e.g. ``--config.search.epochs=3``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from nar_jax import ops
+
+
+def sgd_config(lr_max: float, lr_min: float, t0_epochs: float, t_mul: float,
+               weight_decay: float, momentum: float = 0.9, nesterov: bool = True):
+  """SGD with Nesterov momentum, L2 weight decay and an SGDR (cosine, restarts) schedule."""
+  return ml_collections.ConfigDict(dict(
+      lr_max=lr_max, lr_min=lr_min, t0_epochs=t0_epochs, t_mul=t_mul, momentum=momentum,
+      nesterov=nesterov, weight_decay=weight_decay))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults: the paper's ResNet-18-16 refinement on CIFAR-10 with ENAS's recipe."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_devices = 0            # 0: every local device; the data mesh spans them.
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name='cifar10',            # 'cifar10' | 'mnist5k' | 'synthetic'
+      data_dir='',               # TFDS data_dir holding prepared cifar10 ('' = TFDS default)
+      valid_size=-1,             # -1: the dataset's default (5,000 for CIFAR-10, as ENAS)
+      crop_padding=4,            # on-device pad-and-random-crop
+      flip=True,                 # on-device random horizontal flip
+  ))
+
+  c.model = ml_collections.ConfigDict(dict(
+      base='resnet18',           # 'resnet18' | 'resnet20_wide'
+      granularity='conv',        # 'conv': ResNet-18-16 | 'block': ResNet-18-8
+      width=1.0,                 # channel multiplier
+      candidate_rule='paper',    # 'paper': no more parameters than the original | 'all'
+      ops='',                    # comma-separated op names restricting the candidates
+      dtype='float32',
+  ))
+
+  # Shared-weight (child) training, used by pretraining and search alike.
+  c.child = ml_collections.ConfigDict(dict(
+      batch_size=128,
+      optimizer=sgd_config(lr_max=0.05, lr_min=5e-4, t0_epochs=10, t_mul=2, weight_decay=2.5e-4),
+  ))
+
+  c.pretrain = ml_collections.ConfigDict(dict(epochs=0))  # the paper's "PreTrain" variant: > 0
+
+  c.search = ml_collections.ConfigDict(dict(
+      epochs=150,
+      # Score architectures (controller rewards, derive) with each batch's own BN
+      # statistics rather than the shared running averages; see train.predict.
+      batch_statistics=True,
+      controller=ml_collections.ConfigDict(dict(
+          hidden=64, init_range=0.1, tanh_constant=1.5, entropy_weight=1e-4,
+          baseline_decay=0.99, lr=1e-3, beta1=0.0, eps=1e-3,
+          num_aggregate=20,        # architectures per controller update
+          updates_per_epoch=50,
+          valid_batch_size=128,    # one validation minibatch rewards each architecture
+      )),
+  ))
+
+  c.derive = ml_collections.ConfigDict(dict(num_samples=10))
+
+  c.retrain = ml_collections.ConfigDict(dict(
+      epochs=200,
+      batch_size=128,
+      optimizer=sgd_config(lr_max=0.1, lr_min=0.0, t0_epochs=200, t_mul=1, weight_decay=5e-4),
+      baseline=True,             # also retrain the base network with the same recipe
+  ))
+
+  # Skip pretrain/search/derive and retrain this architecture: '' (search),
+  # 'baseline', or comma-separated op names, one per node.
+  c.arch = ''
+
+  c.eval_batch_size = 500
+  c.log_every_steps = 50
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the first field that cannot work."""
+
+  def positive(name, value):
+    if value <= 0:
+      raise ValueError(f'config.{name} must be positive, got {value}')
+
+  for name in ('child.batch_size', 'retrain.batch_size', 'eval_batch_size', 'log_every_steps',
+               'search.controller.num_aggregate', 'search.controller.valid_batch_size',
+               'derive.num_samples', 'model.width'):
+    value = config
+    for part in name.split('.'):
+      value = value[part]
+    positive(name, value)
+  for name in ('pretrain.epochs', 'search.epochs', 'retrain.epochs',
+               'search.controller.updates_per_epoch'):
+    section, field = name.rsplit('.', 1)
+    value = config
+    for part in section.split('.'):
+      value = value[part]
+    if value[field] < 0:
+      raise ValueError(f'config.{name} must be >= 0, got {value[field]}')
+  if config.dataset.name not in ('cifar10', 'mnist5k', 'synthetic'):
+    raise ValueError(f"config.dataset.name must be 'cifar10', 'mnist5k' or 'synthetic', "
+                     f'got {config.dataset.name!r}')
+  if config.model.dtype not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+  for op in restricted_ops(config):
+    ops.check_op_name(op)
+
+
+def restricted_ops(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The op names of ``config.model.ops`` (empty: no restriction)."""
+  return tuple(op.strip() for op in config.model.ops.split(',') if op.strip())

@@ -1,0 +1,35 @@
+"""Command line: ``python -m nar_jax.main --config=configs/quickstart.py --workdir=DIR``.
+
+Runs (or resumes) the whole NAR pipeline described by the config file; any config
+field can be overridden, e.g. ``--config.search.epochs=3``.
+"""
+
+import sys
+
+from absl import app
+from absl import logging
+from absl import flags
+from ml_collections import config_flags
+
+from nar_jax import pipeline
+from nar_jax.data import DatasetNotPreparedError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and reports.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except (DatasetNotPreparedError, ValueError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,177 @@
+"""Basic-block ResNets over a :class:`~nar_jax.space.SearchSpace`: supernet and fixed network.
+
+One module class serves both. A node's variables live under ``node{i:02d}/<op name>``:
+
+* the **supernet** (``arch=None``) holds every candidate of every node and picks a
+  node's branch with ``nn.switch`` on a *traced* op index, so one compiled step
+  serves every architecture;
+* the **fixed network** (``arch`` = a tuple of op indices) holds only the chosen op of
+  each node and calls it directly (no switch). Its variable tree is the supernet's
+  with the unselected branches dropped (:func:`select_branches`), which is how
+  ``supernet(arch) == fixed(arch)`` is checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nar_jax import ops
+from nar_jax.space import Node, SearchSpace
+
+
+class NodeOp(nn.Module):
+  """Operator ``op`` at ``node``: one :class:`ops.Operator`, or a body of two for block nodes."""
+
+  node: Node
+  op: str
+  block: bool
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = ops.Operator(self.op, self.node.out_channels, self.node.stride, self.dtype,
+                     self.bn_axis_name, name='layer0')(x, train)
+    if self.block:
+      x = nn.relu(x)
+      x = ops.Operator(self.op, self.node.out_channels, 1, self.dtype, self.bn_axis_name,
+                       name='layer1')(x, train)
+    return x
+
+
+class ChoiceNode(nn.Module):
+  """A node that runs one of ``choices`` (op names), selected by a traced op index."""
+
+  node: Node
+  choices: tuple[str, ...]
+  block: bool
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
+    branches = [NodeOp(self.node, op, self.block, self.dtype, self.bn_axis_name, name=op)
+                for op in self.choices]
+    if len(branches) == 1:
+      return branches[0](x, train)
+    table = np.full(len(ops.OP_NAMES), 0, np.int32)
+    for j, op in enumerate(self.choices):
+      table[ops.OP_NAMES.index(op)] = j
+    fns = [lambda mdl, x, b=b: b(x, train) for b in branches]
+    if self.is_initializing():
+      for fn in fns:  # Create every branch's variables.
+        fn(self, x)
+    return nn.switch(jnp.asarray(table)[op_index], fns, self, x)
+
+
+class ResNet(nn.Module):
+  """Basic-block ResNet (3x3 stem, no max-pool) whose 3x3 layers are search-space nodes.
+
+  Attributes:
+    space: the search space (skeleton and nodes).
+    num_classes: classifier outputs.
+    arch: ``None`` for the supernet, else a validated tuple of op indices (fixed net).
+    dtype: compute dtype (parameters and BN statistics stay float32).
+    bn_axis_name: mesh axis for synchronised BatchNorm in training, or ``None``.
+  """
+
+  space: SearchSpace
+  num_classes: int
+  arch: tuple[int, ...] | None = None
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, op_indices: jax.Array | None = None, *,
+               train: bool) -> jax.Array:
+    """Logits ``(B, num_classes)`` for ``images (B, H, W, C)`` (normalised floats).
+
+    ``op_indices`` is the architecture ``(num_nodes,)`` int32 for the supernet and
+    must be ``None`` for a fixed network.
+    """
+    if (self.arch is None) == (op_indices is None):
+      raise ValueError('pass op_indices to the supernet (arch=None) and only to it')
+    bn = lambda name: ops.batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+    x = ops.Conv(self.space.stem_channels, 3, dtype=self.dtype, name='stem_conv')(images)
+    x = nn.relu(bn('stem_bn')(x))
+
+    block = self.space.granularity == 'block'
+    node_index = 0
+
+    def run_node(x):
+      nonlocal node_index
+      i = node_index
+      node = self.space.nodes[i]
+      choices = node.candidates if self.arch is None else (ops.OP_NAMES[self.arch[i]],)
+      index = None if self.arch is not None else op_indices[i]
+      node_index += 1
+      return ChoiceNode(node, choices, block, self.dtype, self.bn_axis_name,
+                        name=f'node{i:02d}')(x, index, train)
+
+    for si, stage in enumerate(self.space.stages):
+      for bi in range(stage.num_blocks):
+        stride = stage.stride if bi == 0 else 1
+        shortcut = x
+        if stride != 1 or x.shape[-1] != stage.channels:
+          prefix = f'stage{si + 1}_block{bi}_shortcut'
+          shortcut = ops.Conv(stage.channels, 1, stride, dtype=self.dtype,
+                              name=f'{prefix}_conv')(x)
+          shortcut = bn(f'{prefix}_bn')(shortcut)
+        if block:
+          y = run_node(x)
+        else:
+          y = nn.relu(run_node(x))
+          y = run_node(y)
+        x = nn.relu(y + shortcut)
+
+    x = jnp.mean(x, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      name='head')(x)
+    return logits.astype(jnp.float32)
+
+
+def _node_and_op(path) -> tuple[int, str] | None:
+  """``(node index, op name)`` if a variable path lies inside a node branch."""
+  keys = [getattr(p, 'key', None) for p in path]
+  for a, b in zip(keys, keys[1:]):
+    if isinstance(a, str) and a.startswith('node') and a[4:].isdigit() and b in ops.OP_NAMES:
+      return int(a[4:]), b
+  return None
+
+
+def branch_mask(tree: Any, op_indices: jax.Array) -> Any:
+  """Bool pytree like ``tree``: True where a leaf is used by architecture ``op_indices``.
+
+  Leaves outside any node (stem, shortcuts, head) are always True. Works on traced
+  ``op_indices``; the result leaves are scalar booleans.
+  """
+  op_index_of = {name: i for i, name in enumerate(ops.OP_NAMES)}
+
+  def leaf_mask(path, _):
+    found = _node_and_op(path)
+    if found is None:
+      return jnp.asarray(True)
+    node, op = found
+    return op_indices[node] == op_index_of[op]
+
+  return jax.tree_util.tree_map_with_path(leaf_mask, tree)
+
+
+def select_branches(variables: Any, arch: Sequence[int]) -> Any:
+  """The supernet's variables restricted to ``arch``: a fixed network's variables."""
+
+  def prune(tree, path):
+    found = _node_and_op(path)
+    if found is not None and ops.OP_NAMES[arch[found[0]]] != found[1]:
+      return None
+    if not hasattr(tree, 'items'):
+      return tree
+    pruned = {k: prune(v, path + (jax.tree_util.DictKey(k),)) for k, v in tree.items()}
+    return {k: v for k, v in pruned.items() if v is not None}
+
+  return prune(variables, ())

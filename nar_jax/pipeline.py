@@ -1,0 +1,489 @@
+"""The NAR pipeline: pretrain -> search -> derive -> retrain -> report.
+
+Each phase checkpoints its own state (:mod:`nar_jax.checkpoint`) and records its
+result in ``<workdir>/results/<phase>.json`` when it finishes, so running the same
+command again continues an interrupted phase from its last checkpoint and skips
+finished ones. All randomness is derived from ``config.seed`` and the (phase,
+epoch, step) position, so a resumed run computes what an uninterrupted run computes.
+
+Outputs in the workdir: ``arch.json``, ``metrics.jsonl``, ``report.md``,
+``report.json``, ``checkpoints/``, ``results/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nar_jax import config as config_lib
+from nar_jax import controller, counting, data, ops, report, train
+from nar_jax.checkpoint import PhaseCheckpoints
+from nar_jax.models.resnet import ResNet
+from nar_jax.space import SearchSpace, resnet_space
+
+_PHASE_KEYS = {'init': 0, 'pretrain': 1, 'search': 2, 'derive': 3, 'retrain_baseline': 4,
+               'retrain_refined': 5, 'controller': 6}
+
+
+# ---------------------------------------------------------------------------------------
+# Logging.
+# ---------------------------------------------------------------------------------------
+
+
+def _clock(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Log:
+  """Progress lines on stdout and one JSON object per line in ``metrics.jsonl``."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.start = time.time()
+
+  def info(self, message: str) -> None:
+    print(f'[{_clock(time.time() - self.start)}] {message}', flush=True)
+
+  def record(self, **fields: Any) -> None:
+    fields = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v
+              for k, v in fields.items()}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(fields) + '\n')
+
+
+class Progress:
+  """Phase progress: step, running loss/accuracy, s/step, elapsed and estimated time left."""
+
+  def __init__(self, log: Log, phase: str, total_steps: int, done_steps: int = 0):
+    self.log, self.phase, self.total = log, phase, total_steps
+    self.done = done_steps
+    self.start = time.time()
+    self.counted = 0
+
+  def update(self, steps: int, message: str) -> None:
+    self.done += steps
+    self.counted += steps
+    elapsed = time.time() - self.start
+    eta = elapsed / max(self.counted, 1) * (self.total - self.done)
+    self.log.info(f'[{self.phase}] {message} | elapsed {_clock(elapsed)} eta {_clock(eta)}')
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment: everything the phases share.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: ml_collections.ConfigDict
+  workdir: str
+  splits: data.Splits
+  space: SearchSpace
+  mesh: Any
+  log: Log
+  root_key: jax.Array
+
+  @property
+  def dtype(self):
+    return jnp.bfloat16 if self.config.model.dtype == 'bfloat16' else jnp.float32
+
+  @property
+  def mask(self) -> np.ndarray:
+    return self.space.candidate_mask()
+
+  def key(self, phase: str) -> jax.Array:
+    return jax.random.fold_in(self.root_key, _PHASE_KEYS[phase])
+
+  def model(self, arch: tuple[int, ...] | None = None) -> ResNet:
+    return ResNet(self.space, self.splits.num_classes, arch=arch, dtype=self.dtype,
+                  bn_axis_name=train.DATA_AXIS)
+
+  def counts(self, arch) -> ops.Counts:
+    h, w, c = self.splits.image_shape
+    return counting.count_architecture(self.space, arch, (h, w), c, self.splits.num_classes)
+
+  def result_path(self, phase: str) -> str:
+    return os.path.join(self.workdir, 'results', f'{phase}.json')
+
+  def load_result(self, phase: str) -> dict | None:
+    path = self.result_path(phase)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      return json.load(f)
+
+  def save_result(self, phase: str, result: dict) -> None:
+    _write_json(self.result_path(phase), result)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes atomically: a finished phase's record is either complete or absent."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def build_space(config: ml_collections.ConfigDict) -> SearchSpace:
+  m = config.model
+  return resnet_space(m.base, m.granularity, m.width, m.candidate_rule,
+                      config_lib.restricted_ops(config) or None)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
+  """Validates the config and builds the data, space, mesh and log."""
+  config_lib.validate(config)
+  mesh = train.make_mesh(config.num_devices)
+  for name in ('child.batch_size', 'retrain.batch_size', 'search.controller.valid_batch_size',
+               'eval_batch_size'):
+    value = config
+    for part in name.split('.'):
+      value = value[part]
+    train.check_batch_size(value, mesh, f'config.{name}')
+  os.makedirs(workdir, exist_ok=True)
+  log = Log(workdir)
+  ds = config.dataset
+  splits = data.load_splits(ds.name, data_dir=ds.data_dir or None,
+                            valid_size=None if ds.valid_size < 0 else ds.valid_size,
+                            seed=config.seed)
+  for name, split, batch in (('child.batch_size', splits.train, config.child.batch_size),
+                             ('search.controller.valid_batch_size', splits.valid,
+                              config.search.controller.valid_batch_size)):
+    if batch > len(split):
+      raise ValueError(f'config.{name}={batch} exceeds the {len(split)} examples of its split')
+  space = build_space(config)
+  log.info(f'{ds.name}: train {len(splits.train)}, valid {len(splits.valid)}, '
+           f'test {len(splits.test)}, image {splits.image_shape}, {splits.num_classes} classes')
+  log.info(f'search space {space.name} (width {config.model.width}): {space.num_nodes} nodes; '
+           f'devices: {mesh.devices.size} x {mesh.devices.flat[0].platform}')
+  return Experiment(config, workdir, splits, space, mesh, log, jax.random.PRNGKey(config.seed))
+
+
+# ---------------------------------------------------------------------------------------
+# Training loops.
+# ---------------------------------------------------------------------------------------
+
+
+def _mean_metrics(pending: list[dict]) -> dict[str, float]:
+  fetched = jax.device_get(pending)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in ('loss', 'accuracy')}
+
+
+def train_epoch(exp: Experiment, step_fn: Callable, state: train.TrainState, split: data.Split,
+                batch_size: int, epoch: int, key: jax.Array, sampler_params: Any,
+                progress: Progress) -> tuple[train.TrainState, dict[str, float]]:
+  """One epoch of ``step_fn`` over ``split``; returns the state and epoch statistics.
+
+  The returned ``step_s`` is the median wall time per step over the logging
+  intervals (the first step, which includes compilation, is timed separately as
+  ``first_step_s``).
+  """
+  every = exp.config.log_every_steps
+  total = data.num_batches(split, batch_size)
+  pending, epoch_metrics, interval_times = [], [], []
+  first_step_s = None
+  tick = time.time()
+  for i, (images, labels) in enumerate(data.batches(split, batch_size, seed=exp.config.seed,
+                                                     epoch=epoch)):
+    state, metrics = step_fn(state, train.shard(exp.mesh, images), train.shard(exp.mesh, labels),
+                             key, sampler_params)
+    pending.append(metrics)
+    if i == 0:
+      jax.block_until_ready(state)
+      first_step_s = time.time() - tick
+      epoch_metrics.append(_mean_metrics(pending))
+      pending, tick = [], time.time()
+      progress.update(1, f'epoch {epoch + 1} step 1/{total} (first step {first_step_s:.2f} s)')
+    elif (i + 1) % every == 0 or i + 1 == total:
+      means = _mean_metrics(pending)  # Fetching the metrics waits for the steps.
+      interval_times.append((time.time() - tick) / len(pending))
+      epoch_metrics.append(means)
+      progress.update(len(pending), f'epoch {epoch + 1} step {i + 1}/{total} | loss {means["loss"]:.4f} '
+                      f'acc {means["accuracy"]:.4f} | {interval_times[-1]:.3f} s/step')
+      pending, tick = [], time.time()
+  stats = {k: float(np.mean([m[k] for m in epoch_metrics])) for k in ('loss', 'accuracy')}
+  stats['step_s'] = statistics.median(interval_times) if interval_times else first_step_s
+  stats['first_step_s'] = first_step_s
+  return state, stats
+
+
+def evaluate(exp: Experiment, eval_fn: Callable, variables: Any, split: data.Split,
+             op_indices: Any = None) -> dict[str, float]:
+  """Accuracy and mean loss over a whole split (last batch padded, padding weighted 0)."""
+  batch = exp.config.eval_batch_size
+  sums = {'correct': 0.0, 'loss': 0.0, 'count': 0.0}
+  for start in range(0, len(split), batch):
+    images = split.images[start:start + batch]
+    labels = split.labels[start:start + batch]
+    weights = np.ones(len(labels), np.float32)
+    pad = batch - len(labels)
+    if pad:
+      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      weights = np.concatenate([weights, np.zeros(pad, np.float32)])
+    out = eval_fn(variables, train.shard(exp.mesh, images), train.shard(exp.mesh, labels),
+                  train.shard(exp.mesh, weights), op_indices)
+    sums = jax.tree.map(lambda a, b: a + float(b), sums, jax.device_get(out))
+  return {'accuracy': sums['correct'] / sums['count'], 'loss': sums['loss'] / sums['count']}
+
+
+def _resume(ckpt: PhaseCheckpoints, state: Any, exp: Experiment,
+            phase: str) -> tuple[Any, dict[str, Any]]:
+  """Restores the latest checkpoint of a phase, if any; returns (state, meta).
+
+  ``meta`` holds ``epoch`` (epochs done) and ``step_times`` (median s/step of each).
+  """
+  latest = ckpt.latest_step()
+  if latest is None:
+    return state, {'epoch': 0, 'step_times': []}
+  state, meta = ckpt.restore(latest, state)
+  exp.log.info(f'[{phase}] resumed from {ckpt.directory} after epoch {meta["epoch"]}')
+  return state, meta
+
+
+# ---------------------------------------------------------------------------------------
+# Phases.
+# ---------------------------------------------------------------------------------------
+
+
+def _child_optimizer(exp: Experiment):
+  """The shared-weight optimizer (pretraining and search continue one schedule)."""
+  steps_per_epoch = data.num_batches(exp.splits.train, exp.config.child.batch_size)
+  return train.child_optimizer(exp.config.child.optimizer, steps_per_epoch)
+
+
+def _child_step(exp: Experiment, tx, sample_arch):
+  return train.make_train_step(
+      exp.model(), tx, exp.mesh, mean=exp.splits.mean, std=exp.splits.std,
+      crop_padding=exp.config.dataset.crop_padding, flip=exp.config.dataset.flip,
+      sample_arch=sample_arch)
+
+
+def run_pretrain(exp: Experiment) -> train.TrainState:
+  """Trains the shared weights with uniformly random architectures (the paper's PreTrain)."""
+  tx = _child_optimizer(exp)
+  state = train.replicate(exp.mesh, train.create_train_state(
+      exp.key('init'), exp.model(), exp.splits.image_shape, tx, jnp.asarray(exp.space.baseline())))
+  epochs = exp.config.pretrain.epochs
+  if epochs == 0:
+    return state
+  ckpt = PhaseCheckpoints(exp.workdir, 'pretrain')
+  state, meta = _resume(ckpt, state, exp, 'pretrain')
+  done = meta['epoch']
+  if done < epochs:
+    mask = jnp.asarray(exp.mask)
+    step_fn = _child_step(exp, tx, lambda key, _: controller.uniform_sample(key, mask))
+    batch = exp.config.child.batch_size
+    per_epoch = data.num_batches(exp.splits.train, batch)
+    progress = Progress(exp.log, 'pretrain', epochs * per_epoch, done * per_epoch)
+    for epoch in range(done, epochs):
+      state, stats = train_epoch(exp, step_fn, state, exp.splits.train, batch, epoch,
+                                 exp.key('pretrain'), None, progress)
+      exp.log.record(phase='pretrain', epoch=epoch + 1, train_loss=stats['loss'],
+                     train_acc=stats['accuracy'], step_s=stats['step_s'])
+      meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']]}
+      ckpt.save(epoch + 1, state, meta)
+  ckpt.close()
+  return state
+
+
+def _controller_batches(exp: Experiment, epoch: int, update: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(M, B, H, W, C)`` images and ``(M, B)`` labels: one validation minibatch per architecture."""
+  c = exp.config.search.controller
+  rng = np.random.default_rng([exp.config.seed, epoch, update])
+  valid = exp.splits.valid
+  index = np.stack([rng.choice(len(valid), c.valid_batch_size, replace=False)
+                    for _ in range(c.num_aggregate)])
+  return valid.images[index], valid.labels[index]
+
+
+def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
+  """ENAS alternation: a child epoch (controller-sampled architectures), then controller updates.
+
+  Returns ``({'child': TrainState, 'controller': ControllerState}, step_times)``, the
+  latter the median supernet s/step of each search epoch.
+  """
+  c = exp.config.search.controller
+  ctrl_tx = train.controller_optimizer(c)
+  ctrl = train.create_controller_state(exp.key('controller'), len(ops.OP_NAMES), c.hidden,
+                                       c.init_range, ctrl_tx)
+  state = {'child': child, 'controller': train.replicate(exp.mesh, ctrl)}
+  ckpt = PhaseCheckpoints(exp.workdir, 'search')
+  state, meta = _resume(ckpt, state, exp, 'search')
+  done, epochs = meta['epoch'], exp.config.search.epochs
+  if done < epochs:
+    mask = jnp.asarray(exp.mask)
+    tx = _child_optimizer(exp)
+    sample = lambda key, params: controller.sample(params, key, mask, c.tanh_constant).arch
+    step_fn = _child_step(exp, tx, sample)
+    update_fn = train.make_controller_update(
+        exp.model(), ctrl_tx, exp.mesh, mask=exp.mask, mean=exp.splits.mean, std=exp.splits.std,
+        tanh_constant=c.tanh_constant, entropy_weight=c.entropy_weight,
+        baseline_decay=c.baseline_decay, batch_statistics=exp.config.search.batch_statistics)
+    batch = exp.config.child.batch_size
+    per_epoch = data.num_batches(exp.splits.train, batch)
+    progress = Progress(exp.log, 'search', epochs * per_epoch, done * per_epoch)
+    for epoch in range(done, epochs):
+      child, stats = train_epoch(exp, step_fn, state['child'], exp.splits.train, batch, epoch,
+                                 exp.key('search'), state['controller'].params, progress)
+      exp.log.record(phase='search', epoch=epoch + 1, train_loss=stats['loss'],
+                     train_acc=stats['accuracy'], step_s=stats['step_s'])
+      ctrl = state['controller']
+      tick, update_metrics = time.time(), []
+      epoch_key = jax.random.fold_in(exp.key('controller'), epoch)
+      for u in range(c.updates_per_epoch):
+        images, labels = _controller_batches(exp, epoch, u)
+        ctrl, m = update_fn(ctrl, child.variables, train.shard(exp.mesh, images, 1),
+                            train.shard(exp.mesh, labels, 1), jax.random.fold_in(epoch_key, u))
+        update_metrics.append(m)
+      for u, m in enumerate(jax.device_get(update_metrics)):
+        exp.log.record(phase='controller', epoch=epoch + 1, update=u + 1, **m)
+      if update_metrics:
+        last = jax.device_get(update_metrics[-1])
+        exp.log.info(f'[search] epoch {epoch + 1}: {c.updates_per_epoch} controller updates in '
+                     f'{time.time() - tick:.1f} s | reward {last["reward"]:.4f} baseline '
+                     f'{last["baseline"]:.4f} entropy {last["entropy"]:.3f}')
+      state = {'child': child, 'controller': ctrl}
+      meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']]}
+      ckpt.save(epoch + 1, state, meta)
+  ckpt.close()
+  return state, meta['step_times']
+
+
+def run_derive(exp: Experiment, search: dict[str, Any]) -> dict[str, Any]:
+  """Scores the controller's most likely and ``num_samples`` sampled architectures on the
+  whole validation split with the shared weights; keeps the best (first on ties)."""
+  c = exp.config.search.controller
+  params = search['controller'].params
+  mask = jnp.asarray(exp.mask)
+  proposals = [('most_likely', controller.most_likely(params, mask, c.tanh_constant))]
+  keys = jax.random.split(exp.key('derive'), exp.config.derive.num_samples)
+  proposals += [(f'sample_{i}', controller.sample(params, k, mask, c.tanh_constant))
+                for i, k in enumerate(keys)]
+  eval_fn = train.make_eval_step(exp.model(), exp.mesh, mean=exp.splits.mean, std=exp.splits.std,
+                                 batch_statistics=exp.config.search.batch_statistics)
+  variables = search['child'].variables
+  seen, candidates = set(), []
+  for source, s in proposals:
+    arch = tuple(int(a) for a in jax.device_get(s.arch))
+    if arch in seen:
+      continue
+    seen.add(arch)
+    scores = evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(arch))
+    candidates.append({'source': source, 'arch': exp.space.names(arch),
+                       'log_prob': float(s.log_prob), 'valid_acc': scores['accuracy']})
+    exp.log.info(f'[derive] {source}: valid acc {scores["accuracy"]:.4f} '
+                 f'{",".join(candidates[-1]["arch"])}')
+  best = max(candidates, key=lambda cand: cand['valid_acc'])
+  baseline = exp.space.baseline()
+  baseline_scores = evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(baseline))
+  return {'best': best, 'candidates': candidates,
+          'baseline': {'arch': exp.space.names(baseline), 'valid_acc': baseline_scores['accuracy']}}
+
+
+def run_retrain(exp: Experiment, name: str, arch: tuple[int, ...]) -> dict[str, Any]:
+  """Trains the fixed network ``arch`` from scratch on train+valid; tests it on test."""
+  phase = f'retrain_{name}'
+  cfg = exp.config.retrain
+  split = data.merge(exp.splits.train, exp.splits.valid)
+  per_epoch = data.num_batches(split, cfg.batch_size)
+  tx = train.child_optimizer(cfg.optimizer, per_epoch)
+  model = exp.model(arch)
+  state = train.replicate(exp.mesh, train.create_train_state(
+      exp.key(phase), model, exp.splits.image_shape, tx, None))
+  ckpt = PhaseCheckpoints(exp.workdir, phase)
+  state, meta = _resume(ckpt, state, exp, phase)
+  done = meta['epoch']
+  step_fn = train.make_train_step(model, tx, exp.mesh, mean=exp.splits.mean, std=exp.splits.std,
+                                  crop_padding=exp.config.dataset.crop_padding,
+                                  flip=exp.config.dataset.flip, sample_arch=None)
+  progress = Progress(exp.log, phase, cfg.epochs * per_epoch, done * per_epoch)
+  stats = {}
+  for epoch in range(done, cfg.epochs):
+    state, stats = train_epoch(exp, step_fn, state, split, cfg.batch_size, epoch, exp.key(phase),
+                               None, progress)
+    exp.log.record(phase=phase, epoch=epoch + 1, train_loss=stats['loss'],
+                   train_acc=stats['accuracy'], step_s=stats['step_s'])
+    meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']]}
+    ckpt.save(epoch + 1, state, meta)
+  ckpt.close()
+  eval_fn = train.make_eval_step(model, exp.mesh, mean=exp.splits.mean, std=exp.splits.std)
+  test = evaluate(exp, eval_fn, state.variables, exp.splits.test)
+  exp.log.info(f'[{phase}] test acc {test["accuracy"]:.4f} loss {test["loss"]:.4f}')
+  exp.log.record(phase=phase, test_acc=test['accuracy'], test_loss=test['loss'])
+  return {'arch': exp.space.names(arch), 'test_acc': test['accuracy'], 'test_loss': test['loss'],
+          'final_train_acc': stats.get('accuracy'),
+          'step_s': _median(meta['step_times'])}
+
+
+# ---------------------------------------------------------------------------------------
+# The whole run.
+# ---------------------------------------------------------------------------------------
+
+
+def _median(values: list[float]) -> float | None:
+  return statistics.median(values) if values else None
+
+
+def _cached(exp: Experiment, phase: str, fn: Callable[[], dict]) -> dict:
+  """Runs a phase unless its result is already recorded."""
+  result = exp.load_result(phase)
+  if result is not None:
+    exp.log.info(f'[{phase}] already done ({exp.result_path(phase)})')
+    return result
+  result = fn()
+  exp.save_result(phase, result)
+  return result
+
+
+def _searched(exp: Experiment) -> dict:
+  """Pretrain, search and derive; returns the derive result."""
+
+  def search_and_derive():
+    tick = time.time()
+    shared = run_pretrain(exp)
+    search, step_times = run_search(exp, shared)
+    result = run_derive(exp, search)
+    result['search_seconds'] = time.time() - tick
+    result['supernet_step_s'] = _median(step_times)
+    return result
+
+  return _cached(exp, 'derive', search_and_derive)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the whole pipeline; returns the report dict."""
+  exp = setup(config, workdir)
+  baseline = exp.space.baseline()
+  if config.arch:
+    arch = baseline if config.arch == 'baseline' else exp.space.validate(config.arch.split(','))
+    derived = None
+  else:
+    derived = _searched(exp)
+    arch = exp.space.validate(derived['best']['arch'])
+  _write_json(os.path.join(workdir, 'arch.json'), {
+      'space': exp.space.name, 'nodes': [n.name for n in exp.space.nodes],
+      'arch': exp.space.names(arch), 'op_indices': list(arch),
+      'valid_acc': derived['best']['valid_acc'] if derived else None,
+      'source': derived['best']['source'] if derived else 'config.arch',
+  })
+  refined = _cached(exp, 'retrain_refined', lambda: run_retrain(exp, 'refined', arch))
+  if config.retrain.baseline and arch != baseline:
+    base = _cached(exp, 'retrain_baseline', lambda: run_retrain(exp, 'baseline', baseline))
+  else:
+    base = refined
+  result = report.build(exp, arch, derived, refined, base)
+  report.write(workdir, result)
+  exp.log.info(f'report: {os.path.join(workdir, "report.md")}')
+  return result

@@ -1,0 +1,113 @@
+"""The final report: baseline vs refined network, as ``report.json`` and ``report.md``.
+
+Every figure is measured by the run: parameters and MACs are counted from the op
+definitions, accuracies come from evaluation, times from the clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def _change(new: float | None, old: float | None) -> float | None:
+  """Relative change in percent, ``100 (new - old) / old``."""
+  if new is None or old is None or old == 0:
+    return None
+  return 100.0 * (new - old) / old
+
+
+def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
+          baseline: dict) -> dict[str, Any]:
+  """Assembles the report dict.
+
+  ``valid_acc`` is the architecture's accuracy on the validation split with the
+  searched shared weights (the score derive ranks architectures by); it is ``None``
+  when no search ran (``config.arch`` given). ``test_acc`` is the retrained
+  network's accuracy on the test split.
+  """
+  base_arch = exp.space.baseline()
+
+  def entry(a, retrained, valid_acc):
+    counts = exp.counts(a)
+    return {'arch': exp.space.names(a), 'params': counts.params, 'macs': counts.macs,
+            'valid_acc': valid_acc, 'test_acc': retrained['test_acc'],
+            'retrain_step_s': retrained['step_s']}
+
+  result = {
+      'dataset': exp.config.dataset.name,
+      'space': exp.space.name,
+      'width': exp.config.model.width,
+      'nodes': [n.name for n in exp.space.nodes],
+      'baseline': entry(base_arch, baseline,
+                        derived['baseline']['valid_acc'] if derived else None),
+      'refined': entry(arch, refined, derived['best']['valid_acc'] if derived else None),
+  }
+  result['change_percent'] = {
+      k: _change(result['refined'][k], result['baseline'][k])
+      for k in ('params', 'macs', 'test_acc')}
+  if derived:
+    result['search'] = {
+        'seconds': derived['search_seconds'],
+        'supernet_step_s': derived['supernet_step_s'],
+        'candidates': derived['candidates'],
+    }
+    fixed = result['refined']['retrain_step_s']
+    if derived['supernet_step_s'] and fixed:
+      result['search']['supernet_over_fixed_step'] = derived['supernet_step_s'] / fixed
+  return result
+
+
+def _fmt(value, spec: str) -> str:
+  return '-' if value is None else format(value, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+  """``report.md``: the comparison table and both architectures."""
+  b, r, ch = result['baseline'], result['refined'], result['change_percent']
+  lines = [
+      f'# NAR report: {result["space"]} (width {result["width"]}) on {result["dataset"]}',
+      '',
+      '| | baseline | refined | change |',
+      '| --- | ---: | ---: | ---: |',
+      f'| parameters | {b["params"]:,} | {r["params"]:,} | {_fmt(ch["params"], "+.2f")}% |',
+      f'| MACs | {b["macs"]:,} | {r["macs"]:,} | {_fmt(ch["macs"], "+.2f")}% |',
+      f'| valid acc (shared weights) | {_fmt(b["valid_acc"], ".4f")} | '
+      f'{_fmt(r["valid_acc"], ".4f")} | |',
+      f'| test acc (retrained) | {_fmt(b["test_acc"], ".4f")} | {_fmt(r["test_acc"], ".4f")} | '
+      f'{_fmt(ch["test_acc"], "+.2f")}% |',
+      f'| retrain s/step | {_fmt(b["retrain_step_s"], ".4f")} | '
+      f'{_fmt(r["retrain_step_s"], ".4f")} | |',
+      '',
+      '## Architectures',
+      '',
+      '| node | baseline | refined |',
+      '| --- | --- | --- |',
+  ]
+  for node, op_b, op_r in zip(result['nodes'], b['arch'], r['arch']):
+    lines.append(f'| {node} | {op_b} | {op_r if op_r == op_b else f"**{op_r}**"} |')
+  if 'search' in result:
+    s = result['search']
+    lines += [
+        '',
+        '## Search',
+        '',
+        f'Search (pretrain + search + derive) took {s["seconds"]:.1f} s; supernet step '
+        f'{_fmt(s["supernet_step_s"], ".4f")} s'
+        + (f' ({s["supernet_over_fixed_step"]:.2f}x the refined fixed network\'s step).'
+           if 'supernet_over_fixed_step' in s else '.'),
+        '',
+        '| candidate | valid acc (shared weights) | log-prob |',
+        '| --- | ---: | ---: |',
+    ]
+    lines += [f'| {c["source"]} | {c["valid_acc"]:.4f} | {c["log_prob"]:.2f} |'
+              for c in s['candidates']]
+  return '\n'.join(lines) + '\n'
+
+
+def write(workdir: str, result: dict[str, Any]) -> None:
+  with open(os.path.join(workdir, 'report.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(workdir, 'report.md'), 'w') as f:
+    f.write(markdown(result))

@@ -1,0 +1,341 @@
+"""Pure, jitted, data-parallel steps: child training, evaluation, controller update.
+
+Every step is ``jax.jit`` around a ``jax.shard_map`` over the 1-D mesh axis ``data``
+(DESIGN.md section 3): the per-device program sees its slice of the global batch,
+averages gradients with ``pmean`` and keeps replicated state. BatchNorm statistics
+are synchronised over ``data`` in training, so ``n`` devices compute exactly what
+one device computes on the same global batch.
+
+The architecture of a supernet step is sampled *inside* the step (from the
+controller, or uniformly during pretraining) from a traced key, so there is no host
+round trip per minibatch and one trace serves every architecture.
+
+Unselected branches. A child step updates only what the sampled architecture used:
+parameters *and* optimizer state (momentum) of unselected branches are left exactly
+as they were, so momentum and weight decay never move weights that received no
+gradient (DESIGN.md section 6). An operator that is rarely sampled is therefore not
+shrunk by weight decay while it sits idle.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nar_jax import controller, reinforce
+from nar_jax.data.augment import augment, normalize
+from nar_jax.models.resnet import branch_mask
+
+DATA_AXIS = 'data'
+
+# ---------------------------------------------------------------------------------------
+# State.
+# ---------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Shared (or fixed-network) weights and their optimizer."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+@flax.struct.dataclass
+class ControllerState:
+  """Controller parameters, their Adam state and the EMA reward baseline."""
+
+  params: Any
+  opt_state: Any
+  baseline: jax.Array
+
+
+def create_train_state(key: jax.Array, model: nn.Module, image_shape: tuple[int, int, int],
+                       tx: optax.GradientTransformation, op_indices: jax.Array | None) -> TrainState:
+  """Initialises ``model`` on a dummy batch (every supernet branch is created)."""
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(key, images, op_indices)
+  params = variables['params']
+  return TrainState(jnp.zeros((), jnp.int32), params, variables.get('batch_stats', {}),
+                    tx.init(params))
+
+
+def create_controller_state(key: jax.Array, num_ops: int, hidden: int, init_range: float,
+                            tx: optax.GradientTransformation) -> ControllerState:
+  params = controller.init(key, num_ops, hidden, init_range)
+  return ControllerState(params, tx.init(params), jnp.zeros((), jnp.float32))
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizers.
+# ---------------------------------------------------------------------------------------
+
+
+def sgdr_schedule(lr_max: float, lr_min: float, first_period: int, period_mul: float) -> optax.Schedule:
+  """Cosine annealing with warm restarts (SGDR); periods ``T0, T0*mul, T0*mul^2, ...`` steps.
+
+  ``period_mul == 1`` restarts every ``first_period`` steps; a ``first_period`` as
+  long as training gives a plain cosine decay.
+  """
+  if first_period <= 0:
+    raise ValueError(f'SGDR first period must be positive, got {first_period}')
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    if period_mul == 1:
+      period = jnp.float32(first_period)
+      t = jnp.mod(step, period)
+    else:
+      n = jnp.floor(jnp.log1p(step * (period_mul - 1) / first_period) / math.log(period_mul))
+      start = first_period * (period_mul ** n - 1) / (period_mul - 1)
+      period = first_period * period_mul ** n
+      t = step - start
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + jnp.cos(jnp.pi * t / period))
+
+  return schedule
+
+
+def child_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD (Nesterov) with L2 weight decay and an SGDR schedule counted in epochs.
+
+  ``cfg`` fields: ``lr_max, lr_min, t0_epochs, t_mul, momentum, nesterov, weight_decay``.
+  """
+  schedule = sgdr_schedule(cfg.lr_max, cfg.lr_min, max(1, int(cfg.t0_epochs * steps_per_epoch)),
+                           cfg.t_mul)
+  return optax.chain(
+      optax.add_decayed_weights(cfg.weight_decay),
+      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+
+
+def controller_optimizer(cfg) -> optax.GradientTransformation:
+  """Adam with ENAS's settings (``lr``, ``beta1``, ``eps`` from ``cfg``)."""
+  return optax.adam(cfg.lr, b1=cfg.beta1, eps=cfg.eps)
+
+
+# ---------------------------------------------------------------------------------------
+# Mesh and batches.
+# ---------------------------------------------------------------------------------------
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """1-D mesh ``data`` over the first ``num_devices`` devices (0 = all)."""
+  devices = jax.devices()
+  if num_devices < 0 or num_devices > len(devices):
+    raise ValueError(f'asked for {num_devices} devices but {len(devices)} are available')
+  return Mesh(np.asarray(devices[:num_devices or len(devices)]), (DATA_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch size') -> None:
+  """Raises ``ValueError`` unless the global batch divides evenly over the devices."""
+  n = mesh.devices.size
+  if batch_size <= 0 or batch_size % n:
+    raise ValueError(f'{what} {batch_size} is not divisible by the device count {n}; '
+                     f'use a multiple of {n}')
+
+
+def shard(mesh: Mesh, array: np.ndarray, batch_axis: int = 0) -> jax.Array:
+  """Places a host array on the mesh, split along ``batch_axis`` over ``data``."""
+  spec = [None] * array.ndim
+  spec[batch_axis] = DATA_AXIS
+  return jax.device_put(array, NamedSharding(mesh, P(*spec)))
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+  """Places a pytree on every device of the mesh."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+# ---------------------------------------------------------------------------------------
+# Steps.
+# ---------------------------------------------------------------------------------------
+
+
+def tree_where(mask: Any, new: Any, old: Any) -> Any:
+  """Per-leaf ``where(mask, new, old)`` with scalar boolean mask leaves."""
+  return jax.tree.map(lambda m, n, o: jnp.where(m, n, o), mask, new, old)
+
+
+def keep_unselected(mask: Any, params_treedef, new_opt_state: Any, old_opt_state: Any) -> Any:
+  """Restores the optimizer-state entries of unselected branches.
+
+  Every sub-tree of the optimizer state shaped like the parameters (momentum
+  traces, Adam moments) takes ``new`` where ``mask`` is True and ``old`` elsewhere;
+  other entries (step counters) take ``new``.
+  """
+  like_params = lambda t: jax.tree.structure(t) == params_treedef
+  return jax.tree.map(lambda n, o: tree_where(mask, n, o) if like_params(n) else n,
+                      new_opt_state, old_opt_state, is_leaf=like_params)
+
+
+ArchSampler = Callable[[jax.Array, Any], jax.Array]
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
+                    mean, std, crop_padding: int, flip: bool,
+                    sample_arch: ArchSampler | None):
+  """Builds ``step(state, images, labels, key, sampler_params) -> (state, metrics)``.
+
+  Args:
+    model: a supernet (``arch=None``) when ``sample_arch`` is given, else a fixed net;
+      built with ``bn_axis_name='data'``.
+    tx: the child optimizer.
+    mesh: the data mesh.
+    mean, std: per-channel normalisation.
+    crop_padding, flip: on-device augmentation.
+    sample_arch: ``(key, sampler_params) -> op_indices (num_nodes,)``, or ``None``.
+
+  The returned function takes uint8 ``images (B, H, W, C)`` and int32 ``labels (B,)``
+  sharded over ``data``, and ``sampler_params`` (controller parameters, or ``None``).
+  ``metrics`` holds ``loss``, ``accuracy`` and the sampled ``arch``.
+  """
+
+  def device_step(state: TrainState, images, labels, op_indices):
+    def loss_fn(params):
+      logits, updated = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                    images, op_indices, train=True, mutable=['batch_stats'])
+      # The global-batch mean: its gradient w.r.t. the replicated parameters is the
+      # global gradient (the implicit replicated->varying casts sum over devices).
+      loss = jax.lax.pmean(
+          optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), DATA_AXIS)
+      return loss, (logits, updated['batch_stats'])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if op_indices is not None:
+      used = branch_mask(state.params, op_indices)
+      params = tree_where(used, params, state.params)
+      opt_state = keep_unselected(used, jax.tree.structure(state.params), opt_state,
+                                  state.opt_state)
+    metrics = {
+        'loss': loss,
+        'accuracy': jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), DATA_AXIS),
+    }
+    return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+
+  sharded = jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+                          out_specs=(P(), P()))
+
+  @jax.jit
+  def step(state: TrainState, images, labels, key, sampler_params):
+    key = jax.random.fold_in(key, state.step)
+    augment_key, arch_key = jax.random.split(key)
+    x = normalize(images, mean, std)
+    x = augment(augment_key, x, crop_padding=crop_padding, flip=flip)
+    op_indices = None if sample_arch is None else sample_arch(arch_key, sampler_params)
+    state, metrics = sharded(state, x, labels, op_indices)
+    if op_indices is not None:
+      metrics['arch'] = op_indices
+    return state, metrics
+
+  return step
+
+
+def predict(model: nn.Module, variables: Any, images: jax.Array, op_indices: jax.Array | None,
+            batch_statistics: bool) -> jax.Array:
+  """Logits of an evaluation pass (no parameter or statistics update).
+
+  ``batch_statistics=False`` normalises with BatchNorm's running averages, as a
+  trained network is used. ``True`` normalises with the statistics of the batch
+  itself (synchronised over ``data``); that is how supernet architectures are
+  scored: a branch's running averages mix inputs from every architecture sampled
+  upstream of it, and scoring with them puts most architectures near chance.
+  """
+  if not batch_statistics:
+    return model.apply(variables, images, op_indices, train=False)
+  logits, _ = model.apply(variables, images, op_indices, train=True, mutable=['batch_stats'])
+  return logits
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, *, mean, std, batch_statistics: bool = False):
+  """Builds ``eval(variables, images, labels, weights, op_indices) -> sums``.
+
+  ``weights (B,)`` is 1 for real and 0 for padding examples. Returns a dict of
+  global sums ``correct``, ``loss`` and ``count``. See :func:`predict` for
+  ``batch_statistics``.
+  """
+
+  def device_eval(variables, images, labels, weights, op_indices):
+    logits = predict(model, variables, normalize(images, mean, std), op_indices,
+                     batch_statistics)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    sums = {'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+            'loss': jnp.sum(loss * weights), 'count': jnp.sum(weights)}
+    return jax.lax.psum(sums, DATA_AXIS)
+
+  return jax.jit(jax.shard_map(
+      device_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
+      out_specs=P()))
+
+
+def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
+                           mask: np.ndarray, mean, std, tanh_constant: float,
+                           entropy_weight: float, baseline_decay: float,
+                           batch_statistics: bool = True):
+  """Builds one jitted controller update (ENAS, DESIGN.md section 4).
+
+  ``update(ctrl_state, child_variables, images (M, B, H, W, C), labels (M, B), key)``
+  samples ``M`` architectures, rewards each with its accuracy on its own validation
+  minibatch (no augmentation; BatchNorm as :func:`predict` with
+  ``batch_statistics``) plus ``entropy_weight`` times
+  its sampled entropy, updates the EMA baseline sample by sample, and takes one
+  Adam step on the averaged REINFORCE loss. Returns ``(ctrl_state, metrics)``.
+  """
+  mask = jnp.asarray(mask)
+
+  def device_accuracy(variables, archs, images, labels):
+    def one(args):
+      arch, x, y = args
+      logits = predict(model, variables, normalize(x, mean, std), arch, batch_statistics)
+      return jnp.sum(jnp.argmax(logits, -1) == y)
+
+    correct = jax.lax.psum(jax.lax.map(one, (archs, images, labels)), DATA_AXIS)
+    return correct / jax.lax.psum(labels.shape[1], DATA_AXIS)
+
+  accuracy_fn = jax.shard_map(
+      device_accuracy, mesh=mesh,
+      in_specs=(P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)), out_specs=P())
+
+  @jax.jit
+  def update(state: ControllerState, child_variables, images, labels, key):
+    keys = jax.random.split(key, images.shape[0])
+    samples = jax.vmap(controller.sample, (None, 0, None, None))(state.params, keys, mask,
+                                                                 tanh_constant)
+    accuracy = accuracy_fn(child_variables, samples.arch, images, labels)
+    rewards = accuracy + entropy_weight * samples.sample_entropy
+    baseline, advantages = reinforce.ema_advantages(state.baseline, rewards, baseline_decay)
+
+    def loss_fn(params):
+      scored = jax.vmap(controller.log_prob, (None, 0, None, None))(params, samples.arch, mask,
+                                                                   tanh_constant)
+      return reinforce.reinforce_loss(scored.log_prob, advantages)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'controller_loss': loss,
+        'reward': jnp.mean(rewards),
+        'valid_acc': jnp.mean(accuracy),
+        'baseline': baseline,
+        'entropy': jnp.mean(jnp.sum(samples.entropy, axis=1)),
+        'grad_norm': optax.global_norm(grads),
+    }
+    return ControllerState(params, opt_state, baseline), metrics
+
+  return update
