@@ -47,12 +47,14 @@ def _clock(seconds: float) -> str:
 class Log:
   """Progress lines on stdout and one JSON object per line in ``metrics.jsonl``."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, verbose: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.verbose = verbose
     self.start = time.time()
 
   def info(self, message: str) -> None:
-    print(f'[{_clock(time.time() - self.start)}] {message}', flush=True)
+    if self.verbose:
+      print(f'[{_clock(time.time() - self.start)}] {message}', flush=True)
 
   def record(self, **fields: Any) -> None:
     fields = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v

@@ -62,11 +62,12 @@ class ChoiceNode(nn.Module):
     table = np.full(len(ops.OP_NAMES), 0, np.int32)
     for j, op in enumerate(self.choices):
       table[ops.OP_NAMES.index(op)] = j
-    fns = [lambda mdl, x, b=b: b(x, train) for b in branches]
+    branch_index = jnp.asarray(table)[op_index]
     if self.is_initializing():
-      for fn in fns:  # Create every branch's variables.
-        fn(self, x)
-    return nn.switch(jnp.asarray(table)[op_index], fns, self, x)
+      # Create every branch's variables; no switch needs compiling for that.
+      return jax.lax.select_n(branch_index, *[b(x, train) for b in branches])
+    fns = [lambda mdl, x, b=b: b(x, train) for b in branches]
+    return nn.switch(branch_index, fns, self, x)
 
 
 class ResNet(nn.Module):
