@@ -55,18 +55,21 @@ class ChoiceNode(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
-    branches = [NodeOp(self.node, op, self.block, self.dtype, self.bn_axis_name, name=op)
-                for op in self.choices]
-    if len(branches) == 1:
-      return branches[0](x, train)
+    def make(op):
+      return NodeOp(self.node, op, self.block, self.dtype, self.bn_axis_name, name=op)
+
+    if len(self.choices) == 1:
+      return make(self.choices[0])(x, train)
     table = np.full(len(ops.OP_NAMES), 0, np.int32)
     for j, op in enumerate(self.choices):
       table[ops.OP_NAMES.index(op)] = j
     branch_index = jnp.asarray(table)[op_index]
     if self.is_initializing():
       # Create every branch's variables; no switch needs compiling for that.
-      return jax.lax.select_n(branch_index, *[b(x, train) for b in branches])
-    fns = [lambda mdl, x, b=b: b(x, train) for b in branches]
+      return jax.lax.select_n(branch_index, *[make(op)(x, train) for op in self.choices])
+    # Each branch builds its op inside the switch's scope (``mdl``), so that the
+    # BatchNorm statistics it updates are carried out of the switch.
+    fns = [lambda mdl, x, op=op: make(op)(x, train) for op in self.choices]
     return nn.switch(branch_index, fns, self, x)
 
 
