@@ -481,10 +481,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'source': derived['best']['source'] if derived else 'config.arch',
   })
   refined = _cached(exp, 'retrain_refined', lambda: run_retrain(exp, 'refined', arch))
-  if config.retrain.baseline and arch != baseline:
+  if arch == baseline:
+    base = refined
+  elif config.retrain.baseline:
     base = _cached(exp, 'retrain_baseline', lambda: run_retrain(exp, 'baseline', baseline))
   else:
-    base = refined
+    base = None  # Not retrained: the report shows no baseline test accuracy.
   result = report.build(exp, arch, derived, refined, base)
   report.write(workdir, result)
   exp.log.info(f'report: {os.path.join(workdir, "report.md")}')

@@ -19,21 +19,22 @@ def _change(new: float | None, old: float | None) -> float | None:
 
 
 def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
-          baseline: dict) -> dict[str, Any]:
+          baseline: dict | None) -> dict[str, Any]:
   """Assembles the report dict.
 
   ``valid_acc`` is the architecture's accuracy on the validation split with the
   searched shared weights (the score derive ranks architectures by); it is ``None``
   when no search ran (``config.arch`` given). ``test_acc`` is the retrained
-  network's accuracy on the test split.
+  network's accuracy on the test split (``None`` for a baseline not retrained).
   """
   base_arch = exp.space.baseline()
 
   def entry(a, retrained, valid_acc):
     counts = exp.counts(a)
+    retrained = retrained or {}
     return {'arch': exp.space.names(a), 'params': counts.params, 'macs': counts.macs,
-            'valid_acc': valid_acc, 'test_acc': retrained['test_acc'],
-            'retrain_step_s': retrained['step_s']}
+            'valid_acc': valid_acc, 'test_acc': retrained.get('test_acc'),
+            'retrain_step_s': retrained.get('step_s')}
 
   result = {
       'dataset': exp.config.dataset.name,

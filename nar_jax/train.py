@@ -334,7 +334,7 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
         'valid_acc': jnp.mean(accuracy),
         'baseline': baseline,
         'entropy': jnp.mean(jnp.sum(samples.entropy, axis=1)),
-        'grad_norm': optax.global_norm(grads),
+        'grad_norm': optax.tree.norm(grads),
     }
     return ControllerState(params, opt_state, baseline), metrics
 
