@@ -7,18 +7,8 @@ Otherwise as ``cifar_resnet18.py`` (variant ``:pretrain`` adds 10 random epochs)
       --config.dataset.data_dir=$HOME/tensorflow_datasets --workdir=runs/cifar_resnet18_block
 """
 
-from nar_jax.config import base_config
+from nar_jax.config import cifar_resnet18_config
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.dataset.name = 'cifar10'
-  c.model.base = 'resnet18'
-  c.model.granularity = 'block'
-  c.search.epochs = 150
-  c.retrain.epochs = 200
-  if arg == 'pretrain':
-    c.pretrain.epochs = 10
-  elif arg not in (None, ''):
-    raise ValueError(f"unknown variant {arg!r}; use 'pretrain' or none")
-  return c
+  return cifar_resnet18_config('block', arg)

@@ -84,6 +84,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def cifar_resnet18_config(granularity: str, variant: str | None) -> ml_collections.ConfigDict:
+  """The paper's CIFAR-10 refinement of ResNet-18 at ``granularity`` (Tables 5 and 6).
+
+  ``variant``: ``None`` for NAR ("R"), ``'pretrain'`` for NAR-PreTrain ("RP": 10 epochs
+  of uniformly random architectures before the search).
+  """
+  c = base_config()
+  c.dataset.name = 'cifar10'
+  c.model.base = 'resnet18'
+  c.model.granularity = granularity
+  c.search.epochs = 150
+  c.retrain.epochs = 200
+  if variant == 'pretrain':
+    c.pretrain.epochs = 10
+  elif variant not in (None, ''):
+    raise ValueError(f"unknown variant {variant!r}; use 'pretrain' or none")
+  return c
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the first field that cannot work."""
 
