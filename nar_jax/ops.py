@@ -60,8 +60,11 @@ def _forward_conv(x, kernel, stride, groups=1):
 
 def _varying_axes(x) -> frozenset:
   """Mesh axes along which ``x`` varies inside ``shard_map`` (empty outside)."""
-  axis_type = getattr(jax.typeof(x), 'manual_axis_type', None)
-  return frozenset(axis_type.varying) if axis_type is not None else frozenset()
+  aval = jax.typeof(x)
+  axis_type = getattr(aval, 'manual_axis_type', None)  # jax 0.10
+  if axis_type is not None:
+    return frozenset(axis_type.varying)
+  return frozenset(getattr(aval, 'vma', ()))  # earlier and later spellings
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) -> jax.Array:

@@ -64,20 +64,28 @@ class Log:
 
 
 class Progress:
-  """Phase progress: step, running loss/accuracy, s/step, elapsed and estimated time left."""
+  """Phase progress: step, running loss/accuracy, s/step, elapsed and estimated time left.
+
+  The estimate extrapolates the pace measured since the first update, so the first
+  step's compilation does not inflate it.
+  """
 
   def __init__(self, log: Log, phase: str, total_steps: int, done_steps: int = 0):
     self.log, self.phase, self.total = log, phase, total_steps
     self.done = done_steps
     self.start = time.time()
-    self.counted = 0
+    self.first_update = None  # (time, steps done) at the first update
 
   def update(self, steps: int, message: str) -> None:
     self.done += steps
-    self.counted += steps
-    elapsed = time.time() - self.start
-    eta = elapsed / max(self.counted, 1) * (self.total - self.done)
-    self.log.info(f'[{self.phase}] {message} | elapsed {_clock(elapsed)} eta {_clock(eta)}')
+    now = time.time()
+    if self.first_update is None:
+      self.first_update = (now, self.done)
+      eta = '?'
+    else:
+      pace = (now - self.first_update[0]) / max(self.done - self.first_update[1], 1)
+      eta = _clock(pace * (self.total - self.done))
+    self.log.info(f'[{self.phase}] {message} | elapsed {_clock(now - self.start)} eta {eta}')
 
 
 # ---------------------------------------------------------------------------------------
