@@ -100,6 +100,7 @@ class ResNet(nn.Module):
     """
     if (self.arch is None) == (op_indices is None):
       raise ValueError('pass op_indices to the supernet (arch=None) and only to it')
+    arch = None if self.arch is None else self.space.validate(self.arch)
     bn = lambda name: ops.batch_norm(train, self.bn_axis_name, self.dtype, name=name)
     x = ops.Conv(self.space.stem_channels, 3, dtype=self.dtype, name='stem_conv')(images)
     x = nn.relu(bn('stem_bn')(x))
@@ -111,8 +112,8 @@ class ResNet(nn.Module):
       nonlocal node_index
       i = node_index
       node = self.space.nodes[i]
-      choices = node.candidates if self.arch is None else (ops.OP_NAMES[self.arch[i]],)
-      index = None if self.arch is not None else op_indices[i]
+      choices = node.candidates if arch is None else (ops.OP_NAMES[arch[i]],)
+      index = None if arch is not None else op_indices[i]
       node_index += 1
       return ChoiceNode(node, choices, block, self.dtype, self.bn_axis_name,
                         name=f'node{i:02d}')(x, index, train)

@@ -1,0 +1,282 @@
+"""Tests for nar_jax.ops: operator shapes, analytic counts and the custom-VJP conv2d."""
+
+import itertools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nar_jax import ops
+
+# ---------------------------------------------------------------------------
+# Helpers.
+
+
+def _num_params(params) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _reference_conv(x, kernel, stride, groups=1):
+  """XLA's own SAME convolution: the ground truth for :func:`ops.conv2d`."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups)
+
+
+def _value_and_grads(conv, x, kernel, cotangent):
+  """Output of ``conv(x, kernel)`` and the VJP of ``cotangent`` w.r.t. x and kernel."""
+  out, vjp = jax.vjp(conv, x, kernel)
+  dx, dk = vjp(cotangent)
+  return out, dx, dk
+
+
+def _jit_value_and_grads(conv, x, kernel, cotangent):
+  """:func:`_value_and_grads` compiled as one program (much faster than op-by-op)."""
+  return jax.jit(lambda a, b, c: _value_and_grads(conv, a, b, c))(x, kernel, cotangent)
+
+
+def _random_inputs(seed, batch, height, width, channels, kernel_shape, stride):
+  """Input, kernel and output cotangent (NumPy RNG: no per-shape compilation)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((batch, height, width, channels), np.float32)
+  kernel = rng.standard_normal(kernel_shape, np.float32) / math.sqrt(np.prod(kernel_shape[:3]))
+  out_shape = (batch, -(-height // stride), -(-width // stride), kernel_shape[-1])
+  cotangent = rng.standard_normal(out_shape, np.float32)
+  return jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(cotangent)
+
+
+# ---------------------------------------------------------------------------
+# same_padding.
+
+
+@pytest.mark.parametrize('size,kernel,stride', [(8, 3, 1), (8, 3, 2), (7, 3, 2), (7, 5, 2),
+                                                (7, 1, 2), (6, 5, 1), (5, 3, 3)])
+def test_same_padding_output_size_and_total(size, kernel, stride):
+  """SAME output is ceil(size / stride); the padding makes the last window fit exactly."""
+  (low, high), out = ops.same_padding(size, kernel, stride)
+  assert out == math.ceil(size / stride)
+  assert (out - 1) * stride + kernel <= size + low + high
+  assert high - low in (0, 1)  # TensorFlow convention: the extra pixel goes on the high side.
+
+
+# ---------------------------------------------------------------------------
+# Operator shapes and parameter counts.
+
+_SHAPE_CASES = list(itertools.product(
+    ops.OP_NAMES,
+    [1, 2],               # stride
+    [(4, 4), (4, 8)],     # (in_channels, out_channels): same and changed
+    [(8, 8), (7, 7), (7, 6)],  # even, odd and mixed spatial sizes
+))
+
+
+@pytest.mark.parametrize('op,stride,channels,hw', _SHAPE_CASES)
+def test_operator_output_shape_and_param_count(op, stride, channels, hw):
+  """Every op maps (B,H,W,Cin) -> (B,ceil(H/s),ceil(W/s),Cout), with exactly the analytic params.
+
+  The parameter count of the initialised module is compared with ``count_op`` (the
+  analytic count that also drives the 'paper' candidate rule and the reports), and
+  ``count_op``'s output size is compared with the module's.
+  """
+  cin, cout = channels
+  # Abstract evaluation traces the real module code without compiling anything; the
+  # numerical behaviour of every op is exercised by the train-mode test below.
+  x = jax.ShapeDtypeStruct((2, *hw, cin), jnp.float32)
+  module = ops.Operator(op, cout, stride)
+  variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
+  y = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, x)
+  expected_hw = (math.ceil(hw[0] / stride), math.ceil(hw[1] / stride))
+  chex.assert_shape(y, (2, *expected_hw, cout))
+  assert y.dtype == jnp.float32
+
+  counts, out_hw = ops.count_op(op, cin, cout, stride, hw)
+  assert out_hw == expected_hw
+  assert _num_params(variables['params']) == counts.params
+  # BatchNorm statistics exist but are not counted as trainable parameters.
+  assert _num_params(variables['batch_stats']) == 2 * cout
+
+
+# Every op with stride 2 and a channel change; the pools also without a projection (no conv).
+@pytest.mark.parametrize('op,stride,cout', [(op, 2, 8) for op in ops.OP_NAMES] +
+                         [('max3x3', 1, 4), ('avg3x3', 1, 4)])
+def test_operator_runs_and_train_mode_updates_batch_stats(op, stride, cout):
+  """Each operator runs (odd 7x7 input) and in train mode its own BatchNorm normalises the
+  output and updates its running statistics."""
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 7, 7, 4), np.float32) + 3.0)
+  module = ops.Operator(op, cout, stride)
+
+  @jax.jit
+  def init_and_train_apply(x):
+    variables = module.init(jax.random.key(0), x, train=False)
+    return variables, module.apply(variables, x, train=True, mutable=['batch_stats'])
+
+  variables, (y, updates) = init_and_train_apply(x)
+  size = math.ceil(7 / stride)
+  chex.assert_shape(y, (4, size, size, cout))
+  chex.assert_tree_all_finite(y)
+  # Train-mode output is batch-normalised per channel: zero mean, unit variance.
+  np.testing.assert_allclose(np.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-4)
+  np.testing.assert_allclose(np.var(y, axis=(0, 1, 2)), 1.0, atol=1e-2)
+  mean = updates['batch_stats']['bn']['mean']
+  assert not np.allclose(mean, variables['batch_stats']['bn']['mean'])
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+@pytest.mark.parametrize('hw', [(32, 32), (7, 9)])
+def test_count_op_macs_match_hand_formula(stride, hw):
+  """MACs of conv3x3 and sep5x5 against the textbook formulas.
+
+  conv KxK: K*K*Cin*Cout*Ho*Wo.  sep KxK: depthwise K*K*Cin*Ho*Wo + pointwise Cin*Cout*Ho*Wo.
+  Params: the kernels plus 2*Cout BatchNorm scale and bias.
+  """
+  cin, cout = 16, 24
+  ho, wo = math.ceil(hw[0] / stride), math.ceil(hw[1] / stride)
+
+  counts, out_hw = ops.count_op('conv3x3', cin, cout, stride, hw)
+  assert out_hw == (ho, wo)
+  assert counts.macs == 9 * cin * cout * ho * wo
+  assert counts.params == 9 * cin * cout + 2 * cout
+
+  counts, out_hw = ops.count_op('sep5x5', cin, cout, stride, hw)
+  assert out_hw == (ho, wo)
+  assert counts.macs == 25 * cin * ho * wo + cin * cout * ho * wo
+  assert counts.params == 25 * cin + cin * cout + 2 * cout
+
+
+def test_count_op_pooling():
+  """Pooling costs no MACs; a channel change adds a 1x1 projection after the pool."""
+  for op in ('max3x3', 'avg3x3'):
+    counts, out_hw = ops.count_op(op, 8, 8, 2, (9, 9))
+    assert out_hw == (5, 5)
+    assert counts == ops.Counts(2 * 8, 0)
+    counts, out_hw = ops.count_op(op, 8, 16, 2, (9, 9))
+    assert counts == ops.Counts(8 * 16 + 2 * 16, 8 * 16 * 5 * 5)
+
+
+# ---------------------------------------------------------------------------
+# conv2d: values and gradients equal lax.conv_general_dilated's.
+
+_DENSE_CASES = [
+    # (kernel, stride, height, width, c_in, c_out)
+    (1, 1, 8, 8, 3, 5),
+    (1, 2, 7, 7, 4, 4),
+    (3, 1, 8, 8, 4, 4),
+    (3, 1, 7, 5, 3, 6),
+    (3, 2, 8, 8, 4, 8),
+    (3, 2, 7, 7, 4, 8),
+    (3, 2, 6, 9, 5, 3),
+    (5, 1, 8, 8, 4, 4),
+    (5, 2, 7, 7, 3, 6),
+    (5, 2, 8, 6, 6, 2),
+]
+
+
+@pytest.mark.parametrize('k,stride,h,w,cin,cout', _DENSE_CASES)
+def test_conv2d_dense_matches_lax(k, stride, h, w, cin, cout):
+  """Dense conv2d (custom VJP) equals lax's SAME conv in value, d/dx and d/dkernel."""
+  x, kernel, ct = _random_inputs(k * 100 + h, 2, h, w, cin, (k, k, cin, cout), stride)
+  got = _jit_value_and_grads(lambda a, b: ops.conv2d(a, b, stride), x, kernel, ct)
+  want = _jit_value_and_grads(lambda a, b: _reference_conv(a, b, stride), x, kernel, ct)
+  chex.assert_shape(got[0], (2, math.ceil(h / stride), math.ceil(w / stride), cout))
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+_DEPTHWISE_CASES = [
+    # (kernel, stride, height, width, channels)
+    (3, 1, 8, 8, 4),
+    (3, 2, 8, 8, 4),
+    (3, 2, 7, 7, 3),
+    (5, 1, 7, 6, 5),
+    (5, 2, 7, 7, 4),
+    (5, 2, 8, 5, 2),
+]
+
+
+@pytest.mark.parametrize('k,stride,h,w,c', _DEPTHWISE_CASES)
+def test_conv2d_depthwise_matches_lax(k, stride, h, w, c):
+  """Depthwise conv2d (groups == C) equals lax's conv with feature_group_count=C, with grads."""
+  x, kernel, ct = _random_inputs(k * 100 + h + c, 2, h, w, c, (k, k, 1, c), stride)
+  got = _jit_value_and_grads(lambda a, b: ops.conv2d(a, b, stride, groups=c), x, kernel, ct)
+  want = _jit_value_and_grads(lambda a, b: _reference_conv(a, b, stride, groups=c), x, kernel, ct)
+  chex.assert_shape(got[0], (2, math.ceil(h / stride), math.ceil(w / stride), c))
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, want)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('groups,kind', [(1, 'dense'), (4, 'depthwise')])
+@pytest.mark.parametrize('stride,h', [(1, 8), (2, 7)])
+def test_conv2d_inside_switch_branch_matches_lax(groups, kind, stride, h):
+  """Inside a lax.switch branch picked by a traced index under jit, conv2d still equals lax.
+
+  Branch 0 is conv2d, branch 1 a different (scaled, shifted) conv, so the test also
+  proves the traced index really selects: index 1 must give the other branch's result.
+  """
+  c = 4
+  k = 3
+  kernel_shape = (k, k, 1, c) if groups > 1 else (k, k, c, c)
+  x, kernel, ct = _random_inputs(7 + h, 2, h, h, c, kernel_shape, stride)
+
+  def other(a, b):
+    return 2.0 * ops.conv2d(a, b, stride, groups) + 1.0
+
+  branches = [lambda a, b: ops.conv2d(a, b, stride, groups), other]
+
+  @jax.jit
+  def switched(index, a, b, cot):
+    return _value_and_grads(lambda a, b: jax.lax.switch(index, branches, a, b), a, b, cot)
+
+  want = _jit_value_and_grads(lambda a, b: _reference_conv(a, b, stride, groups), x, kernel, ct)
+  chex.assert_trees_all_close(switched(jnp.int32(0), x, kernel, ct), want, atol=1e-4, rtol=1e-4)
+
+  want_other = _jit_value_and_grads(lambda a, b: 2.0 * _reference_conv(a, b, stride, groups) + 1.0,
+                                x, kernel, ct)
+  chex.assert_trees_all_close(switched(jnp.int32(1), x, kernel, ct), want_other,
+                              atol=1e-4, rtol=1e-4)
+
+
+def test_conv2d_eager_and_vmapped_grads_match_lax():
+  """conv2d eager (no jit) equals lax; per-example kernel gradients under vmap (the custom
+  VJP's batching rule) equal lax's."""
+  x, kernel, _ = _random_inputs(3, 3, 7, 7, 4, (3, 3, 4, 6), 2)
+  chex.assert_trees_all_close(ops.conv2d(x, kernel, 2), _reference_conv(x, kernel, 2),
+                              atol=1e-4, rtol=1e-4)
+  g = lambda a: jax.grad(lambda b: jnp.sum(ops.conv2d(a[None], b, 2) ** 2))(kernel)
+  ref = lambda a: jax.grad(lambda b: jnp.sum(_reference_conv(a[None], b, 2) ** 2))(kernel)
+  chex.assert_trees_all_close(jax.jit(jax.vmap(g))(x), jax.jit(jax.vmap(ref))(x),
+                              atol=1e-4, rtol=1e-4)
+
+
+def test_conv2d_rejects_unsupported_groups():
+  """Only dense and depthwise convolutions are supported; other groupings raise."""
+  x = jnp.ones((1, 4, 4, 4))
+  with pytest.raises(ValueError, match='groups=2'):
+    ops.conv2d(x, jnp.ones((3, 3, 2, 4)), 1, groups=2)
+
+
+# ---------------------------------------------------------------------------
+# Unknown operator names.
+
+
+@pytest.mark.parametrize('bad', ['conv7x7', 'identity', 'Conv3x3', ''])
+def test_unknown_op_raises_value_error_naming_it(bad):
+  """recipe / check_op_name / count_op / Operator reject an unknown op by name."""
+  pattern = f'unknown op {bad!r}'
+  with pytest.raises(ValueError, match=pattern):
+    ops.check_op_name(bad)
+  with pytest.raises(ValueError, match=pattern):
+    ops.recipe(bad, 4, 4, 1)
+  with pytest.raises(ValueError, match=pattern):
+    ops.count_op(bad, 4, 4, 1, (8, 8))
+  with pytest.raises(ValueError, match=pattern):
+    ops.Operator(bad, 4).init(jax.random.key(0), jnp.ones((1, 4, 4, 4)), train=False)
+
+
+def test_known_ops_pass_check():
+  """Every name of the vocabulary is accepted (the check is not vacuous the other way)."""
+  for op in ops.OP_NAMES:
+    ops.check_op_name(op)
+    assert ops.recipe(op, 4, 8, 2).out_channels == 8

@@ -1,0 +1,281 @@
+"""Tests for nar_jax.space and nar_jax.counting: node lists, candidate rules, validation, counts."""
+
+import zlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nar_jax import counting, ops, space
+from nar_jax.models.resnet import ResNet
+
+ALL_OPS = set(ops.OP_NAMES)
+PAPER_RESNET_CANDIDATES = ('conv3x3', 'sep3x3', 'sep5x5', 'max3x3', 'avg3x3')
+
+
+def _num_params(params) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _random_arch(rng: np.random.Generator, sp: space.SearchSpace) -> tuple[int, ...]:
+  """A random architecture allowed by the space (uniform over each node's candidates)."""
+  mask = sp.candidate_mask()
+  return tuple(int(rng.choice(np.flatnonzero(row))) for row in mask)
+
+
+# ---------------------------------------------------------------------------
+# Node lists.
+
+
+@pytest.mark.parametrize('base,granularity,num_nodes', [
+    ('resnet18', 'conv', 16), ('resnet18', 'block', 8),
+    ('resnet20_wide', 'conv', 18), ('resnet20_wide', 'block', 9)])
+def test_number_of_nodes(base, granularity, num_nodes):
+  """ResNet-18-16 / -8 (paper), ResNet-20: 2 nodes per basic block at conv granularity."""
+  sp = space.resnet_space(base, granularity)
+  assert sp.num_nodes == num_nodes == len(sp.nodes)
+  assert sp.granularity == granularity
+  assert sp.baseline() == (ops.OP_NAMES.index('conv3x3'),) * num_nodes
+  chex.assert_shape(sp.candidate_mask(), (num_nodes, len(ops.OP_NAMES)))
+  assert len({n.name for n in sp.nodes}) == num_nodes  # names are unique
+
+
+def test_resnet18_node_shapes():
+  """Channels and strides of the CIFAR ResNet-18 nodes (64-128-256-512, first block downsamples)."""
+  sp = space.resnet_space('resnet18', 'conv')
+  shapes = [(n.in_channels, n.out_channels, n.stride) for n in sp.nodes]
+  assert shapes == [
+      (64, 64, 1), (64, 64, 1), (64, 64, 1), (64, 64, 1),
+      (64, 128, 2), (128, 128, 1), (128, 128, 1), (128, 128, 1),
+      (128, 256, 2), (256, 256, 1), (256, 256, 1), (256, 256, 1),
+      (256, 512, 2), (512, 512, 1), (512, 512, 1), (512, 512, 1)]
+  block = space.resnet_space('resnet18', 'block', width=0.5)
+  assert [(n.in_channels, n.out_channels, n.stride) for n in block.nodes] == [
+      (32, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1),
+      (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1)]
+  assert block.stem_channels == 32
+
+
+# ---------------------------------------------------------------------------
+# Candidate rules.
+
+
+@pytest.mark.parametrize('granularity', ['conv', 'block'])
+@pytest.mark.parametrize('width', [1.0, 0.0625])
+def test_paper_rule_excludes_conv5x5_only(granularity, width):
+  """'paper': only ops with no more params than conv3x3, i.e. everything except conv5x5."""
+  sp = space.resnet_space('resnet18', granularity, width=width, rule='paper')
+  for node in sp.nodes:
+    assert node.candidates == PAPER_RESNET_CANDIDATES, node
+  mask = sp.candidate_mask()
+  assert not mask[:, ops.OP_NAMES.index('conv5x5')].any()
+  assert mask.sum() == sp.num_nodes * 5
+
+
+@pytest.mark.parametrize('granularity', ['conv', 'block'])
+def test_all_rule_allows_every_op(granularity):
+  sp = space.resnet_space('resnet18', granularity, rule='all')
+  assert all(n.candidates == ops.OP_NAMES for n in sp.nodes)
+  assert sp.candidate_mask().all()
+
+
+def test_allowed_restricts_candidates():
+  """``allowed`` restricts the pool; the original op (conv3x3) is always kept; order is OP_NAMES'."""
+  face = ('avg3x3', 'max3x3', 'sep3x3', 'conv3x3')  # deliberately out of order
+  sp = space.resnet_space('resnet18', 'conv', rule='paper', allowed=face)
+  assert all(n.candidates == ('conv3x3', 'sep3x3', 'max3x3', 'avg3x3') for n in sp.nodes)
+  sp = space.resnet_space('resnet18', 'conv', rule='all', allowed=('sep5x5', 'conv5x5'))
+  assert all(n.candidates == ('conv3x3', 'conv5x5', 'sep5x5') for n in sp.nodes)
+  # 'paper' still applies inside ``allowed``: conv5x5 is too big even when allowed.
+  sp = space.resnet_space('resnet18', 'conv', rule='paper', allowed=('conv5x5', 'max3x3'))
+  assert all(n.candidates == ('conv3x3', 'max3x3') for n in sp.nodes)
+  with pytest.raises(ValueError, match="unknown op 'conv7x7'"):
+    space.resnet_space('resnet18', 'conv', allowed=('conv3x3', 'conv7x7'))
+
+
+def test_paper_rule_depends_on_node_params():
+  """The rule compares real parameter counts: at one channel, conv3x3 has 9 + 2 params, sep3x3
+  9 + 1 + 2 and sep5x5 25 + 1 + 2, so both separable ops are dropped; pools (2) stay."""
+  assert space.candidates_for('conv3x3', 1, 1, 1, 'conv', 'paper') == (
+      'conv3x3', 'max3x3', 'avg3x3')
+  assert space.candidates_for('conv3x3', 64, 64, 1, 'conv', 'paper') == PAPER_RESNET_CANDIDATES
+
+
+def test_space_argument_errors():
+  with pytest.raises(ValueError, match="unknown base network 'resnet50'"):
+    space.resnet_space('resnet50')
+  with pytest.raises(ValueError, match="granularity must be 'conv' or 'block', got 'cell'"):
+    space.resnet_space('resnet18', 'cell')
+  with pytest.raises(ValueError, match='width multiplier must be positive'):
+    space.resnet_space('resnet18', width=0.0)
+  with pytest.raises(ValueError, match="unknown candidate rule 'small'"):
+    space.resnet_space('resnet18', rule='small')
+
+
+# ---------------------------------------------------------------------------
+# Counting.
+
+
+@pytest.mark.parametrize('granularity', ['conv', 'block'])
+def test_resnet18_reference_counts(granularity):
+  """CIFAR ResNet-18 (32x32x3, 10 classes): 11.17M params, 0.556 G MACs (DESIGN.md sec. 3)."""
+  sp = space.resnet_space('resnet18', granularity)
+  counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
+  assert abs(counts.params - 11.17e6) <= 0.005 * 11.17e6, counts
+  assert abs(counts.macs - 0.556e9) <= 0.005 * 0.556e9, counts
+  # Names and indices describe the same network.
+  assert counting.count_architecture(sp, ['conv3x3'] * sp.num_nodes, (32, 32), 3, 10) == counts
+
+
+def test_count_architecture_baseline_by_hand():
+  """The ResNet-18 baseline params summed by hand: stem, 8 blocks, 3 projections, head."""
+  conv = lambda k, cin, cout: k * k * cin * cout + 2 * cout  # conv + BN
+  expected = conv(3, 3, 64)
+  cin = 64
+  for c in (64, 128, 256, 512):
+    for b in range(2):
+      expected += conv(3, cin, c) + conv(3, c, c)
+      if cin != c:
+        expected += conv(1, cin, c)
+      cin = c
+  expected += 512 * 10 + 10
+  sp = space.resnet_space('resnet18', 'conv')
+  assert counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10).params == expected
+
+
+@pytest.mark.parametrize('base,granularity,rule,width', [
+    ('resnet18', 'conv', 'all', 0.125),
+    ('resnet18', 'block', 'all', 0.125),
+    ('resnet18', 'conv', 'paper', 0.0625),
+    ('resnet20_wide', 'block', 'all', 0.0625),
+])
+def test_analytic_params_equal_initialised_fixed_network(base, granularity, rule, width):
+  """count_architecture's params == the params of the initialised fixed ResNet(arch=...).
+
+  jax.eval_shape traces ``init`` without computing anything. Odd image sizes exercise
+  the SAME-padding output sizes along the way; the baseline is included.
+  """
+  sp = space.resnet_space(base, granularity, width=width, rule=rule)
+  rng = np.random.default_rng(zlib.crc32(f'{base}{granularity}{rule}'.encode()))
+  archs = [sp.baseline()] + [_random_arch(rng, sp) for _ in range(4)]
+  images = jax.ShapeDtypeStruct((2, 15, 15, 3), jnp.float32)
+  for arch in archs:
+    model = ResNet(sp, 7, arch=arch)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    analytic = counting.count_architecture(sp, arch, (15, 15), 3, 7)
+    assert _num_params(variables['params']) == analytic.params, sp.names(arch)
+
+
+@pytest.mark.parametrize('base,granularity', [
+    ('resnet18', 'conv'), ('resnet18', 'block'), ('resnet20_wide', 'conv')])
+def test_paper_rule_never_grows_the_network(base, granularity):
+  """Under 'paper', replacing any node's op by any of its candidates never adds params,
+  and every candidate but the original strictly reduces them."""
+  sp = space.resnet_space(base, granularity, rule='paper')
+  base_counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
+  for j, node in enumerate(sp.nodes):
+    for op in node.candidates:
+      arch = list(sp.baseline())
+      arch[j] = ops.OP_NAMES.index(op)
+      counts = counting.count_architecture(sp, arch, (32, 32), 3, 10)
+      if op == node.original:
+        assert counts == base_counts
+      else:
+        assert counts.params < base_counts.params, (node.name, op)
+        assert counts.macs < base_counts.macs, (node.name, op)
+  # The rule is not vacuous: with 'all', conv5x5 at any node is larger.
+  sp_all = space.resnet_space(base, granularity, rule='all')
+  arch = list(sp_all.baseline())
+  arch[0] = ops.OP_NAMES.index('conv5x5')
+  assert counting.count_architecture(sp_all, arch, (32, 32), 3, 10).params > base_counts.params
+
+
+# ---------------------------------------------------------------------------
+# SearchSpace.validate / names.
+
+
+@pytest.fixture(scope='module')
+def sp16():
+  return space.resnet_space('resnet18', 'conv', rule='paper')
+
+
+def test_validate_accepts_names_indices_and_arrays(sp16):
+  rng = np.random.default_rng(0)
+  arch = _random_arch(rng, sp16)
+  names = [ops.OP_NAMES[i] for i in arch]
+  assert sp16.validate(arch) == arch
+  assert sp16.validate(names) == arch
+  assert sp16.validate(np.asarray(arch, np.int32)) == arch
+  assert sp16.validate(list(np.asarray(arch, np.int64))) == arch  # NumPy integer entries
+  mixed = [names[i] if i % 2 else arch[i] for i in range(len(arch))]
+  assert sp16.validate(mixed) == arch
+  result = sp16.validate(np.asarray(arch))
+  assert isinstance(result, tuple) and all(type(i) is int for i in result)
+
+
+def test_names_round_trip(sp16):
+  rng = np.random.default_rng(1)
+  for _ in range(5):
+    arch = _random_arch(rng, sp16)
+    names = sp16.names(arch)
+    assert all(isinstance(n, str) for n in names) and len(names) == sp16.num_nodes
+    assert sp16.validate(names) == arch
+    assert sp16.names(names) == names
+
+
+def test_validate_wrong_length(sp16):
+  with pytest.raises(ValueError, match=r"has 15 entries but search space 'resnet18-16' has 16 nodes"):
+    sp16.validate(sp16.baseline()[:-1])
+  with pytest.raises(ValueError, match='has 17 entries'):
+    sp16.validate(sp16.baseline() + (0,))
+
+
+def test_validate_unknown_op_name(sp16):
+  arch = list(sp16.names(sp16.baseline()))
+  arch[3] = 'conv7x7'
+  with pytest.raises(ValueError, match="unknown op 'conv7x7'"):
+    sp16.validate(arch)
+
+
+@pytest.mark.parametrize('bad', [6, -1, 100])
+def test_validate_out_of_range_index(sp16, bad):
+  arch = list(sp16.baseline())
+  arch[5] = bad
+  with pytest.raises(ValueError,
+                     match=rf'op index {bad} at node 5 \(stage2.block0.conv2\) is out of range'):
+    sp16.validate(arch)
+
+
+def test_validate_op_not_allowed(sp16):
+  """conv5x5 exists but is not a 'paper' candidate: rejected by name and by index."""
+  arch = list(sp16.baseline())
+  arch[2] = 'conv5x5'
+  pattern = r"op 'conv5x5' is not a candidate of node 2 \(stage1.block1.conv1\)"
+  with pytest.raises(ValueError, match=pattern):
+    sp16.validate(arch)
+  arch[2] = ops.OP_NAMES.index('conv5x5')
+  with pytest.raises(ValueError, match=pattern):
+    sp16.validate(arch)
+  with pytest.raises(ValueError, match=pattern):
+    sp16.names(arch)
+
+
+@pytest.mark.parametrize('bad', [True, 1.0, None])
+def test_validate_rejects_non_index_entries(sp16, bad):
+  """Booleans and floats are not op indices (a bool would otherwise pass as 0 or 1)."""
+  arch = list(sp16.baseline())
+  arch[0] = bad
+  with pytest.raises(ValueError, match='neither an op name nor an index'):
+    sp16.validate(arch)
+
+
+def test_branch_table_matches_candidates():
+  """branch_table maps op index -> position in the node's candidates, -1 where not allowed."""
+  sp = space.resnet_space('resnet18', 'block', rule='paper', allowed=('sep3x3', 'avg3x3'))
+  table = sp.branch_table()
+  chex.assert_shape(table, (8, len(ops.OP_NAMES)))
+  expected_row = [0, -1, 1, -1, -1, 2]  # conv3x3, sep3x3, avg3x3
+  np.testing.assert_array_equal(table, np.tile(expected_row, (8, 1)))
+  np.testing.assert_array_equal(table >= 0, sp.candidate_mask())
