@@ -103,28 +103,26 @@ def cifar_resnet18_config(granularity: str, variant: str | None) -> ml_collectio
   return c
 
 
+def field(config: ml_collections.ConfigDict, dotted: str):
+  """The value of a dotted field name, e.g. ``field(c, 'child.batch_size')``."""
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the first field that cannot work."""
-
-  def positive(name, value):
-    if value <= 0:
-      raise ValueError(f'config.{name} must be positive, got {value}')
 
   for name in ('child.batch_size', 'retrain.batch_size', 'eval_batch_size', 'log_every_steps',
                'search.controller.num_aggregate', 'search.controller.valid_batch_size',
                'derive.num_samples', 'model.width'):
-    value = config
-    for part in name.split('.'):
-      value = value[part]
-    positive(name, value)
+    if field(config, name) <= 0:
+      raise ValueError(f'config.{name} must be positive, got {field(config, name)}')
   for name in ('pretrain.epochs', 'search.epochs', 'retrain.epochs',
                'search.controller.updates_per_epoch'):
-    section, field = name.rsplit('.', 1)
-    value = config
-    for part in section.split('.'):
-      value = value[part]
-    if value[field] < 0:
-      raise ValueError(f'config.{name} must be >= 0, got {value[field]}')
+    if field(config, name) < 0:
+      raise ValueError(f'config.{name} must be >= 0, got {field(config, name)}')
   if config.dataset.name not in ('cifar10', 'mnist5k', 'synthetic'):
     raise ValueError(f"config.dataset.name must be 'cifar10', 'mnist5k' or 'synthetic', "
                      f'got {config.dataset.name!r}')

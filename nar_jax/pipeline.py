@@ -157,10 +157,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   mesh = train.make_mesh(config.num_devices)
   for name in ('child.batch_size', 'retrain.batch_size', 'search.controller.valid_batch_size',
                'eval_batch_size'):
-    value = config
-    for part in name.split('.'):
-      value = value[part]
-    train.check_batch_size(value, mesh, f'config.{name}')
+    train.check_batch_size(config_lib.field(config, name), mesh, f'config.{name}')
   os.makedirs(workdir, exist_ok=True)
   log = Log(workdir)
   ds = config.dataset
