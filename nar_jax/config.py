@@ -14,11 +14,19 @@ from nar_jax import ops
 
 
 def sgd_config(lr_max: float, lr_min: float, t0_epochs: float, t_mul: float,
-               weight_decay: float, momentum: float = 0.9, nesterov: bool = True):
-  """SGD with Nesterov momentum, L2 weight decay and an SGDR (cosine, restarts) schedule."""
+               weight_decay: float, momentum: float = 0.9, nesterov: bool = True,
+               schedule: str = 'cosine', decay_epochs: str = '', decay_factor: float = 0.1):
+  """SGD with momentum, L2 weight decay and a learning-rate schedule counted in epochs.
+
+  ``schedule='cosine'``: SGDR (cosine from ``lr_max`` to ``lr_min`` over ``t0_epochs``,
+  restarts with periods growing by ``t_mul``). ``schedule='step'``: ``lr_max`` times
+  ``decay_factor`` after each epoch listed in ``decay_epochs`` (comma-separated,
+  ArcFace's recipe).
+  """
   return ml_collections.ConfigDict(dict(
       lr_max=lr_max, lr_min=lr_min, t0_epochs=t0_epochs, t_mul=t_mul, momentum=momentum,
-      nesterov=nesterov, weight_decay=weight_decay))
+      nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
+      decay_epochs=decay_epochs, decay_factor=decay_factor))
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -110,13 +110,28 @@ def sgdr_schedule(lr_max: float, lr_min: float, first_period: int, period_mul: f
   return schedule
 
 
-def child_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD (Nesterov) with L2 weight decay and an SGDR schedule counted in epochs.
+def step_schedule(lr: float, boundaries: list[int], factor: float) -> optax.Schedule:
+  """``lr`` multiplied by ``factor`` at each step in ``boundaries`` (ArcFace's recipe)."""
+  if any(b <= 0 for b in boundaries):
+    raise ValueError(f'step-decay boundaries must be positive steps, got {boundaries}')
+  return optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
 
-  ``cfg`` fields: ``lr_max, lr_min, t0_epochs, t_mul, momentum, nesterov, weight_decay``.
+
+def child_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+  """SGD (momentum, optionally Nesterov) with L2 weight decay and a schedule counted in epochs.
+
+  ``cfg`` fields (see :func:`nar_jax.config.sgd_config`): ``lr_max, lr_min, t0_epochs,
+  t_mul, momentum, nesterov, weight_decay, schedule, decay_epochs, decay_factor``.
   """
-  schedule = sgdr_schedule(cfg.lr_max, cfg.lr_min, max(1, int(cfg.t0_epochs * steps_per_epoch)),
-                           cfg.t_mul)
+  if cfg.schedule == 'cosine':
+    schedule = sgdr_schedule(cfg.lr_max, cfg.lr_min,
+                             max(1, int(cfg.t0_epochs * steps_per_epoch)), cfg.t_mul)
+  elif cfg.schedule == 'step':
+    epochs = [float(e) for e in cfg.decay_epochs.split(',') if e.strip()]
+    schedule = step_schedule(cfg.lr_max, [int(round(e * steps_per_epoch)) for e in epochs],
+                             cfg.decay_factor)
+  else:
+    raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}; use 'cosine' or 'step'")
   return optax.chain(
       optax.add_decayed_weights(cfg.weight_decay),
       optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
