@@ -174,9 +174,9 @@ class Conv(nn.Module):
 
 
 def batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str | None = None,
-               scale_init=nn.initializers.ones) -> nn.BatchNorm:
-  """The project's BatchNorm: momentum 0.9, eps 1e-5, float32 statistics."""
-  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+               scale_init=nn.initializers.ones, epsilon: float = BN_EPSILON) -> nn.BatchNorm:
+  """The project's BatchNorm: momentum 0.9, eps 1e-5 (IR networks: 2e-5), float32 statistics."""
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=epsilon,
                       axis_name=axis_name if train else None, dtype=dtype,
                       param_dtype=jnp.float32, scale_init=scale_init, name=name)
 
@@ -291,6 +291,7 @@ class Operator(nn.Module):
   stride: int = 1
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_epsilon: float = BN_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -300,4 +301,4 @@ class Operator(nn.Module):
     for i, layer in enumerate(r.convs):
       x = Conv(layer.out_channels, layer.kernel, layer.stride, layer.groups, self.dtype,
                name=f'conv{i}')(x)
-    return batch_norm(train, self.bn_axis_name, self.dtype, name='bn')(x)
+    return batch_norm(train, self.bn_axis_name, self.dtype, name='bn', epsilon=self.bn_epsilon)(x)
