@@ -2,13 +2,21 @@
 
 `load_splits` returns a dataset's train / valid / test splits as NumPy arrays;
 `batches` yields deterministic minibatches; `normalize` and `augment` run on
-the device inside jitted steps.
+the device inside jitted steps. Face data (insightface's ``train.rec`` and
+verification ``.bin`` files) is decoded lazily: `load_face_splits` returns
+splits of `LazyImages` (see `faces`, `insightface`, `synthetic_faces`).
 """
 
 from nar_jax.data.augment import augment
 from nar_jax.data.augment import normalize
 from nar_jax.data.augment import random_crop
 from nar_jax.data.augment import random_flip
+from nar_jax.data.faces import LazyImages
+from nar_jax.data.faces import load_face_splits
+from nar_jax.data.faces import load_verification_set
+from nar_jax.data.faces import prefetch
+from nar_jax.data.faces import VerificationSet
+from nar_jax.data.insightface import FaceDataError
 from nar_jax.data.sources import batches
 from nar_jax.data.sources import channel_stats
 from nar_jax.data.sources import DatasetNotPreparedError
@@ -20,15 +28,21 @@ from nar_jax.data.sources import Splits
 
 __all__ = [
     'DatasetNotPreparedError',
+    'FaceDataError',
+    'LazyImages',
     'Split',
     'Splits',
+    'VerificationSet',
     'augment',
     'batches',
     'channel_stats',
+    'load_face_splits',
     'load_splits',
+    'load_verification_set',
     'merge',
     'normalize',
     'num_batches',
+    'prefetch',
     'random_crop',
     'random_flip',
 ]

@@ -38,18 +38,26 @@ class DatasetNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
-  """One split of an image classification dataset, in host memory.
+  """One split of an image classification dataset.
 
   Attributes:
-    images: uint8 array of shape (N, H, W, C).
+    images: uint8 array of shape (N, H, W, C) in host memory, or a lazily
+      decoded image source (e.g. `faces.LazyImages`): any object with
+      ``shape`` (N, H, W, C), ``dtype`` uint8, ``len`` and ``__getitem__``
+      that returns numpy arrays for an int, a slice or an integer array.
     labels: int32 array of shape (N,), values in [0, num_classes).
   """
 
-  images: np.ndarray
+  images: Any
   labels: np.ndarray
 
   def __post_init__(self):
-    if not isinstance(self.images, np.ndarray) or self.images.ndim != 4:
+    if not isinstance(self.images, np.ndarray) and not _is_image_source(self.images):
+      raise ValueError(
+          'Split.images must be a 4-D (N, H, W, C) numpy array or a lazily '
+          f'decoded image source, got {type(self.images).__name__} of shape '
+          f'{np.shape(self.images)}.')
+    if self.images.ndim != 4:
       raise ValueError(
           'Split.images must be a 4-D (N, H, W, C) numpy array, got '
           f'{type(self.images).__name__} of shape {np.shape(self.images)}.')
@@ -73,6 +81,12 @@ class Split:
 
   def __repr__(self) -> str:
     return f'Split(images={self.images.shape}, labels={self.labels.shape})'
+
+
+def _is_image_source(images: Any) -> bool:
+  """Duck-typed array-like images: shape, dtype, len and indexing."""
+  return all(hasattr(images, a) for a in ('shape', 'dtype', 'ndim', '__len__',
+                                          '__getitem__'))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,7 +205,8 @@ def batches(
     drop_remainder: drop the last incomplete batch.
 
   Returns:
-    An iterator of ``(images, labels)``: uint8 (B, H, W, C) and int32 (B,).
+    An iterator of ``(images, labels)``: uint8 (B, H, W, C) and int32 (B,)
+    numpy arrays (a lazily decoded split decodes each batch as it is drawn).
 
   Raises:
     ValueError: invalid `batch_size` (raised here, not at the first batch).
@@ -237,15 +252,29 @@ def num_batches(split: Split, batch_size: int,
 def merge(a: Split, b: Split) -> Split:
   """Concatenates two splits (``a`` first), e.g. train + valid for retraining.
 
+  In-memory images are concatenated; lazily decoded sources are joined with
+  their ``concat`` method (no decoding); an empty split merges with anything.
+
   Raises:
-    ValueError: the image shapes differ.
+    ValueError: the image shapes differ, or the two kinds of images cannot be
+      joined (an in-memory array and a non-empty lazy source).
   """
   if a.images.shape[1:] != b.images.shape[1:]:
     raise ValueError(
         f'Cannot merge splits with image shapes {a.images.shape[1:]} and '
         f'{b.images.shape[1:]}.')
-  return Split(images=np.concatenate([a.images, b.images]),
-               labels=np.concatenate([a.labels, b.labels]))
+  labels = np.concatenate([a.labels, b.labels])
+  if isinstance(a.images, np.ndarray) and isinstance(b.images, np.ndarray):
+    return Split(images=np.concatenate([a.images, b.images]), labels=labels)
+  if not len(b):
+    return Split(images=a.images, labels=labels)
+  if not len(a):
+    return Split(images=b.images, labels=labels)
+  if type(a.images) is not type(b.images) or not hasattr(a.images, 'concat'):
+    raise ValueError(
+        f'Cannot merge splits whose images are {type(a.images).__name__} and '
+        f'{type(b.images).__name__}.')
+  return Split(images=a.images.concat(b.images), labels=labels)
 
 
 def channel_stats(
