@@ -2,8 +2,14 @@
 
 MACs are the multiply-accumulates of convolutions and dense layers, which is how the
 paper and ArcFace count "FLOPs". Parameters are trainable weights (conv kernels,
-BatchNorm scale and bias, dense weights and bias). Both come from the operator
-recipes in :mod:`nar_jax.ops`, the same definitions the modules are built from.
+BatchNorm scale and bias, PReLU slopes, dense weights and bias). Both come from the
+operator recipes in :mod:`nar_jax.ops`, the same definitions the modules are built from.
+
+The classifier is counted with ``num_classes`` outputs and vanishes for
+``num_classes=0``: a basic-block ResNet's dense head (weights and bias), an IR
+network's margin head (``num_classes x embedding_size`` class weights, no bias).
+ArcFace's reference figures (about 43.6M params and 6.31 G MACs for IR-50 at
+112x112) exclude the classifier: count them with ``num_classes=0``.
 """
 
 from __future__ import annotations
@@ -14,21 +20,35 @@ from nar_jax import ops
 from nar_jax.space import SearchSpace
 
 
+def count_prelu(channels: int) -> ops.Counts:
+  """A per-channel PReLU: one slope per channel."""
+  return ops.Counts(channels, 0)
+
+
+def count_dense(in_features: int, out_features: int, bias: bool = True) -> ops.Counts:
+  """A dense layer ``in_features -> out_features``."""
+  weights = in_features * out_features
+  return ops.Counts(weights + (out_features if bias else 0), weights)
+
+
 def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: tuple[int, int],
                        in_channels: int, num_classes: int) -> ops.Counts:
   """Counts of the fixed network ``arch`` of ``space`` on ``image_hw`` inputs.
 
   Args:
-    space: the search space (skeleton and nodes).
+    space: the search space (skeleton and nodes); family ``'resnet'`` or ``'ir'``.
     arch: one op (name or index) per node; validated.
     image_hw: input height and width.
     in_channels: input image channels.
-    num_classes: classifier outputs.
+    num_classes: classifier outputs; 0 leaves the classifier out.
   """
   arch = space.validate(arch)
+  ir = space.family == 'ir'
   hw = tuple(image_hw)
   stem = ops.ConvLayer(3, in_channels, space.stem_channels)
   total = ops.count_conv(stem, hw) + ops.count_bn(space.stem_channels)
+  if ir:
+    total += count_prelu(space.stem_channels)
   channels = space.stem_channels
   node_iter = iter(zip(space.nodes, arch))
   for stage in space.stages:
@@ -38,6 +58,8 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
         projection = ops.ConvLayer(1, channels, stage.channels, stride)
         out_hw = tuple(ops.same_padding(s, 1, stride)[1] for s in hw)
         total += ops.count_conv(projection, out_hw) + ops.count_bn(stage.channels)
+      if ir:  # the unit's leading BN and the PReLU between its two nodes
+        total += ops.count_bn(channels) + count_prelu(stage.channels)
       layers = 1 if space.granularity == 'block' else 2
       body_hw = hw
       for layer in range(layers):
@@ -50,5 +72,10 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
           total += counts
       hw = body_hw
       channels = stage.channels
-  head = ops.Counts(channels * num_classes + num_classes, channels * num_classes)
-  return total + head
+  if ir:
+    # "E" output: BN -> Dropout -> flatten -> Dense -> BN (scale fixed to 1: bias only).
+    features = hw[0] * hw[1] * channels
+    total += (ops.count_bn(channels) + count_dense(features, space.embedding_size)
+              + ops.Counts(space.embedding_size, 0))
+    return total + count_dense(space.embedding_size, num_classes, bias=False)
+  return total + count_dense(channels, num_classes)

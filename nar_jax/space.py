@@ -21,6 +21,7 @@ import numpy as np
 from nar_jax import ops
 
 Granularity = Literal['conv', 'block']
+Family = Literal['resnet', 'ir']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +54,19 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-  """A ResNet-style base network with basic blocks and its searchable nodes.
+  """A residual base network and its searchable nodes.
 
-  With ``granularity='conv'`` every 3x3 conv of a basic block is a node (two per
-  block: the paper's ResNet-18-16). With ``granularity='block'`` a node is a whole
-  residual body ``op -> BN -> ReLU -> op -> BN`` (ResNet-18-8): choosing operator
-  ``op`` for that node sets both layers of the body to ``op``.
+  ``family`` names the skeleton around the nodes:
+
+  * ``'resnet'``: basic-block ResNet (:class:`nar_jax.models.resnet.ResNet`). With
+    ``granularity='conv'`` every 3x3 conv of a block is a node (two per block: the
+    paper's ResNet-18-16); with ``granularity='block'`` a node is a whole residual
+    body ``op -> BN -> ReLU -> op -> BN`` (ResNet-18-8): choosing operator ``op``
+    for that node sets both layers of the body to ``op``.
+  * ``'ir'``: ArcFace's LResNet-E-IR (:class:`nar_jax.models.iresnet.IResNet`),
+    always at conv granularity: unit ``BN -> node -> PReLU -> node``, where the
+    second node carries the unit's stride, then the "E" output block producing an
+    ``embedding_size`` embedding (see :func:`ir_space`).
   """
 
   name: str
@@ -66,6 +74,8 @@ class SearchSpace:
   stem_channels: int
   stages: tuple[Stage, ...]
   nodes: tuple[Node, ...]
+  family: Family = 'resnet'
+  embedding_size: int | None = None  # 'ir' only: features of the face embedding
 
   @property
   def num_nodes(self) -> int:
@@ -221,3 +231,54 @@ def resnet_space(base: str = 'resnet18', granularity: Granularity = 'conv', widt
   suffix = '16' if granularity == 'conv' else '8'
   name = f'{base}-{suffix}' if base == 'resnet18' else f'{base}-{granularity}'
   return SearchSpace(name, granularity, scaled(stem, width), stages, tuple(nodes))
+
+
+IR_UNITS = {
+    # depth: units per stage of LResNet<depth>E-IR (insightface's fresnet)
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 14, 3),
+    100: (3, 13, 30, 3),
+}
+IR_CHANNELS = (64, 128, 256, 512)
+IR_STEM_CHANNELS = 64
+FACE_OPS = ('conv3x3', 'sep3x3', 'max3x3', 'avg3x3')
+
+
+def ir_space(depth: int = 50, width: float = 1.0, rule: str = 'paper',
+             allowed: Sequence[str] | None = FACE_OPS, embedding_size: int = 512) -> SearchSpace:
+  """ArcFace's LResNet<depth>E-IR as a search space (DESIGN.md section 5).
+
+  Stem conv3x3 of 64 channels at stride 1, then four stages of IR units with
+  64-128-256-512 channels whose first unit has stride 2. A unit is
+  ``BN -> conv1 -> BN -> PReLU -> conv2 -> BN`` plus a shortcut; its two 3x3 convs are
+  the nodes: ``conv1`` maps ``in -> out`` at stride 1 and ``conv2`` maps ``out -> out``
+  with the unit's stride (IR-50: 24 units, 48 nodes).
+
+  Args:
+    depth: 18, 34, 50 or 100.
+    width: multiplier on every channel count (not on ``embedding_size``).
+    rule: candidate rule, see :func:`candidates_for`.
+    allowed: op names the candidates are drawn from (default: the paper's face set
+      conv3x3, sep3x3, max3x3, avg3x3); ``None`` for every op.
+    embedding_size: features of the "E" output (512 in ArcFace).
+  """
+  if depth not in IR_UNITS:
+    raise ValueError(f'unknown IR depth {depth!r}; known: {", ".join(map(str, IR_UNITS))}')
+  if width <= 0:
+    raise ValueError(f'width multiplier must be positive, got {width}')
+  if embedding_size <= 0:
+    raise ValueError(f'embedding size must be positive, got {embedding_size}')
+  stages = tuple(Stage(n, scaled(c, width), 2) for n, c in zip(IR_UNITS[depth], IR_CHANNELS))
+  nodes = []
+  in_ch = scaled(IR_STEM_CHANNELS, width)
+  for si, stage in enumerate(stages):
+    for ui in range(stage.num_blocks):
+      stride = stage.stride if ui == 0 else 1
+      prefix = f'stage{si + 1}.unit{ui}'
+      for name, cin, s in ((f'{prefix}.conv1', in_ch, 1), (f'{prefix}.conv2', stage.channels, stride)):
+        cands = candidates_for('conv3x3', cin, stage.channels, s, 'conv', rule, allowed)
+        nodes.append(Node(name, cin, stage.channels, s, 'conv3x3', cands))
+      in_ch = stage.channels
+  return SearchSpace(f'ir{depth}', 'conv', scaled(IR_STEM_CHANNELS, width), stages, tuple(nodes),
+                     family='ir', embedding_size=embedding_size)

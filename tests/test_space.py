@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from nar_jax import counting, ops, space
+from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet
 
 ALL_OPS = set(ops.OP_NAMES)
 PAPER_RESNET_CANDIDATES = ('conv3x3', 'sep3x3', 'sep5x5', 'max3x3', 'avg3x3')
+FACE_CANDIDATES = ('conv3x3', 'sep3x3', 'max3x3', 'avg3x3')
 
 
 def _num_params(params) -> int:
@@ -168,12 +170,16 @@ def test_analytic_params_equal_initialised_fixed_network(base, granularity, rule
     assert _num_params(variables['params']) == analytic.params, sp.names(arch)
 
 
-@pytest.mark.parametrize('base,granularity', [
-    ('resnet18', 'conv'), ('resnet18', 'block'), ('resnet20_wide', 'conv')])
-def test_paper_rule_never_grows_the_network(base, granularity):
+@pytest.mark.parametrize('make_space', [
+    lambda rule: space.resnet_space('resnet18', 'conv', rule=rule),
+    lambda rule: space.resnet_space('resnet18', 'block', rule=rule),
+    lambda rule: space.resnet_space('resnet20_wide', 'conv', rule=rule),
+    lambda rule: space.ir_space(18, rule=rule, allowed=None),
+], ids=['resnet18-conv', 'resnet18-block', 'resnet20_wide-conv', 'ir18'])
+def test_paper_rule_never_grows_the_network(make_space):
   """Under 'paper', replacing any node's op by any of its candidates never adds params,
   and every candidate but the original strictly reduces them."""
-  sp = space.resnet_space(base, granularity, rule='paper')
+  sp = make_space('paper')
   base_counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
   for j, node in enumerate(sp.nodes):
     for op in node.candidates:
@@ -186,10 +192,114 @@ def test_paper_rule_never_grows_the_network(base, granularity):
         assert counts.params < base_counts.params, (node.name, op)
         assert counts.macs < base_counts.macs, (node.name, op)
   # The rule is not vacuous: with 'all', conv5x5 at any node is larger.
-  sp_all = space.resnet_space(base, granularity, rule='all')
+  sp_all = make_space('all')
   arch = list(sp_all.baseline())
   arch[0] = ops.OP_NAMES.index('conv5x5')
   assert counting.count_architecture(sp_all, arch, (32, 32), 3, 10).params > base_counts.params
+
+
+# ---------------------------------------------------------------------------
+# LResNet-E-IR (face) spaces.
+
+
+def test_ir50_nodes():
+  """IR-50: 24 units, 48 nodes; conv1 maps in -> out at stride 1, conv2 out -> out with the
+  unit's stride, 2 in the first unit of every stage; face candidates everywhere."""
+  sp = space.ir_space(50)
+  assert sp.family == 'ir' and sp.granularity == 'conv' and sp.name == 'ir50'
+  assert sp.num_nodes == 48 and sp.stem_channels == 64 and sp.embedding_size == 512
+  assert [(st.num_blocks, st.channels, st.stride) for st in sp.stages] == [
+      (3, 64, 2), (4, 128, 2), (14, 256, 2), (3, 512, 2)]
+  expected, cin = [], 64
+  for units, c in ((3, 64), (4, 128), (14, 256), (3, 512)):
+    for u in range(units):
+      expected += [(cin, c, 1), (c, c, 2 if u == 0 else 1)]
+      cin = c
+  assert [(n.in_channels, n.out_channels, n.stride) for n in sp.nodes] == expected
+  assert sp.nodes[0].name == 'stage1.unit0.conv1' and sp.nodes[47].name == 'stage4.unit2.conv2'
+  assert sp.nodes[7].name == 'stage2.unit0.conv2' and sp.nodes[7].stride == 2
+  assert len({n.name for n in sp.nodes}) == 48
+  assert all(n.candidates == FACE_CANDIDATES and n.original == 'conv3x3' for n in sp.nodes)
+  assert sp.baseline() == (ops.OP_NAMES.index('conv3x3'),) * 48
+  np.testing.assert_array_equal(sp.candidate_mask().sum(axis=1), 4)
+
+
+@pytest.mark.parametrize('depth,num_nodes', [(18, 16), (34, 32), (50, 48), (100, 98)])
+def test_ir_depths(depth, num_nodes):
+  sp = space.ir_space(depth, width=0.125)
+  assert sp.num_nodes == num_nodes and sp.name == f'ir{depth}'
+  assert [st.channels for st in sp.stages] == [8, 16, 32, 64] and sp.stem_channels == 8
+
+
+def test_ir_space_argument_errors():
+  with pytest.raises(ValueError, match='unknown IR depth 52; known: 18, 34, 50, 100'):
+    space.ir_space(52)
+  with pytest.raises(ValueError, match='width multiplier must be positive'):
+    space.ir_space(50, width=-1.0)
+  with pytest.raises(ValueError, match='embedding size must be positive'):
+    space.ir_space(50, embedding_size=0)
+  with pytest.raises(ValueError, match="unknown candidate rule 'small'"):
+    space.ir_space(50, rule='small')
+  with pytest.raises(ValueError, match="unknown op 'conv7x7'"):
+    space.ir_space(50, allowed=('conv7x7',))
+
+
+def test_ir_candidate_rule():
+  """Without ``allowed`` the paper rule drops conv5x5 and sep5x5 stays (fewer params than
+  conv3x3 at 64+ channels); 'all' with the face set keeps exactly the face set."""
+  sp = space.ir_space(50, allowed=None)
+  assert all(n.candidates == PAPER_RESNET_CANDIDATES for n in sp.nodes)
+  sp = space.ir_space(50, rule='all')
+  assert all(n.candidates == FACE_CANDIDATES for n in sp.nodes)
+
+
+def test_ir50_reference_counts():
+  """LResNet50E-IR at 112x112 without the classifier: 43.6M params (0.5%), 6.31 G MACs (1%)
+  (DESIGN.md sec. 3); the 85,742-way margin head adds 85,742 x 512 weights and MACs."""
+  sp = space.ir_space(50)
+  counts = counting.count_architecture(sp, sp.baseline(), (112, 112), 3, 0)
+  assert abs(counts.params - 43.6e6) <= 0.005 * 43.6e6, counts
+  assert abs(counts.macs - 6.31e9) <= 0.01 * 6.31e9, counts
+  with_head = counting.count_architecture(sp, sp.baseline(), (112, 112), 3, 85742)
+  assert (with_head.params - counts.params, with_head.macs - counts.macs) == (
+      85742 * 512, 85742 * 512)
+  # A refined architecture is smaller: every node separable.
+  sep = counting.count_architecture(sp, ['sep3x3'] * 48, (112, 112), 3, 0)
+  assert sep.params < 0.5 * counts.params and sep.macs < 0.2 * counts.macs
+
+
+def test_ir_count_by_hand():
+  """IR-18 at width 1/8 on 16x16, params summed by hand: stem (conv, BN, PReLU), per unit
+  BN + 2 conv3x3 nodes (conv, BN) + PReLU (+ projection), output BN, Dense, bias-only BN."""
+  conv = lambda k, cin, cout: k * k * cin * cout + 2 * cout  # conv + BN
+  expected = conv(3, 3, 8) + 8
+  cin = 8
+  for c in (8, 16, 32, 64):
+    for u in range(2):
+      expected += 2 * cin + conv(3, cin, c) + c + conv(3, c, c)
+      if u == 0:
+        expected += conv(1, cin, c)
+      cin = c
+  expected += 2 * 64 + 64 * 20 + 20 + 20  # 16x16 -> 1x1 after four stride-2 stages
+  sp = space.ir_space(18, width=0.125, embedding_size=20)
+  assert counting.count_architecture(sp, sp.baseline(), (16, 16), 3, 0).params == expected
+  assert counting.count_architecture(sp, sp.baseline(), (16, 16), 3, 7).params == (
+      expected + 7 * 20)
+
+
+@pytest.mark.parametrize('width,rule,hw', [(0.0625, 'paper', (15, 15)), (0.125, 'all', (20, 13))])
+def test_ir_analytic_params_equal_initialised_fixed_network(width, rule, hw):
+  """count_architecture's params == the params of the initialised fixed IResNet(arch=...)
+  (margin head included), by jax.eval_shape; odd sizes exercise SAME padding."""
+  sp = space.ir_space(18, width=width, rule=rule, allowed=None, embedding_size=24)
+  rng = np.random.default_rng(zlib.crc32(f'ir{width}{rule}'.encode()))
+  archs = [sp.baseline()] + [_random_arch(rng, sp) for _ in range(3)]
+  images = jax.ShapeDtypeStruct((2, *hw, 3), jnp.float32)
+  for arch in archs:
+    model = IResNet(sp, 7, arch=arch)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    analytic = counting.count_architecture(sp, arch, hw, 3, 7)
+    assert _num_params(variables['params']) == analytic.params, sp.names(arch)
 
 
 # ---------------------------------------------------------------------------
