@@ -32,15 +32,16 @@ class NodeOp(nn.Module):
   block: bool
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_epsilon: float = ops.BN_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = ops.Operator(self.op, self.node.out_channels, self.node.stride, self.dtype,
-                     self.bn_axis_name, name='layer0')(x, train)
+                     self.bn_axis_name, self.bn_epsilon, name='layer0')(x, train)
     if self.block:
       x = nn.relu(x)
       x = ops.Operator(self.op, self.node.out_channels, 1, self.dtype, self.bn_axis_name,
-                       name='layer1')(x, train)
+                       self.bn_epsilon, name='layer1')(x, train)
     return x
 
 
@@ -52,11 +53,13 @@ class ChoiceNode(nn.Module):
   block: bool
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_epsilon: float = ops.BN_EPSILON
 
   @nn.compact
   def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
     def make(op):
-      return NodeOp(self.node, op, self.block, self.dtype, self.bn_axis_name, name=op)
+      return NodeOp(self.node, op, self.block, self.dtype, self.bn_axis_name, self.bn_epsilon,
+                    name=op)
 
     if len(self.choices) == 1:
       return make(self.choices[0])(x, train)
@@ -98,6 +101,9 @@ class ResNet(nn.Module):
     ``op_indices`` is the architecture ``(num_nodes,)`` int32 for the supernet and
     must be ``None`` for a fixed network.
     """
+    if self.space.family != 'resnet':
+      raise ValueError(f'ResNet needs a basic-block search space; {self.space.name!r} has family '
+                       f'{self.space.family!r} (use nar_jax.models.iresnet.IResNet for IR spaces)')
     if (self.arch is None) == (op_indices is None):
       raise ValueError('pass op_indices to the supernet (arch=None) and only to it')
     arch = None if self.arch is None else self.space.validate(self.arch)
