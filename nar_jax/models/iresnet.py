@@ -132,6 +132,7 @@ class IResNet(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.space.embedding_size, dtype=self.dtype, param_dtype=jnp.float32,
                  name='embedding_dense')(x)
+    # ArcFace's fc1 BN (fix_gamma=True): no scale parameter, which ops.batch_norm lacks.
     embedding = nn.BatchNorm(
         use_running_average=not train, momentum=ops.BN_MOMENTUM, epsilon=BN_EPSILON,
         use_scale=False, axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
