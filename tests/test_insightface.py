@@ -476,6 +476,8 @@ def test_select_full_covers_every_image_once():
   label_of = dict(zip(keys.tolist(), labels.tolist()))
   np.testing.assert_array_equal(index.train_labels, [label_of[k] for k in index.train_keys])
   assert index.num_classes == 5
+  with pytest.raises(ValueError, match='valid_per_identity must be a positive int'):
+    faces.select_full(keys, labels, valid_per_identity=0)
 
 
 def test_load_face_splits_proxy_and_cache(synth, records, tmp_path):

@@ -261,7 +261,9 @@ def _random_ranks(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndar
     ``(order, rank)``: ``order`` lists all images by (identity, random);
     ``rank[i]`` is image i's position among its identity's images.
   """
-  order = np.lexsort((rng.random(len(labels)), labels))
+  # One integer sort key: identity in the high bits, a random tie-breaker low.
+  key = labels.astype(np.int64) << 32 | rng.integers(0, 1 << 32, len(labels), np.int64)
+  order = np.argsort(key, kind='stable')
   counts = np.bincount(labels)
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
   rank = np.empty(len(labels), np.int64)
@@ -291,7 +293,7 @@ def select_proxy(image_keys: np.ndarray, labels: np.ndarray, *, num_identities: 
   With ``rng = np.random.default_rng(seed)``: K identities are drawn uniformly
   without replacement among those with at least M images (class j is the j-th
   smallest of them); then every image gets a random rank within its identity
-  (``rng.random``) and each chosen identity's M lowest-ranked images are
+  (``rng.integers``) and each chosen identity's M lowest-ranked images are
   kept: ranks ``0..M-V-1`` train, ``M-V..M-1`` validate. A random sample
   rather than the first M records, because records of one identity are often
   ordered (by source, pose or quality).
@@ -342,7 +344,9 @@ def select_full(image_keys: np.ndarray, labels: np.ndarray, *, valid_per_identit
   trained). Labels stay the identities' labels. ``train + valid`` is the whole
   set (what retraining uses).
   """
-  _check_counts(1, valid_per_identity + 1, valid_per_identity)
+  if (isinstance(valid_per_identity, bool) or not isinstance(valid_per_identity, (int, np.integer))
+      or valid_per_identity <= 0):
+    raise ValueError(f'valid_per_identity must be a positive int, got {valid_per_identity!r}.')
   labels = np.asarray(labels, np.int64)
   image_keys = np.asarray(image_keys, np.int64)
   counts = np.bincount(labels)

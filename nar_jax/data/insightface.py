@@ -598,7 +598,7 @@ def decode_jpeg(data: bytes, where: str = 'image',
   """
   try:
     with Image.open(io.BytesIO(data)) as img:
-      array = np.asarray(img.convert('RGB'))
+      array = np.asarray(img if img.mode == 'RGB' else img.convert('RGB'))
   except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
     raise FaceDataError(f'{where}: cannot decode the image ({e}).') from None
   if shape is not None and array.shape != tuple(shape):

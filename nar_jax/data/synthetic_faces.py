@@ -59,7 +59,7 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int
   coarse = rng.standard_normal((cells, cells, channels))
   pos = np.linspace(0, cells - 1, size)
   w = np.maximum(0.0, 1.0 - np.abs(pos[:, None] - np.arange(cells)[None]))
-  return np.einsum('hi,wj,ijc->hwc', w, w, coarse)
+  return np.einsum('hi,wj,ijc->hwc', w, w, coarse, optimize=True)
 
 
 def _blob(y, x, cy, cx, ry, rx) -> np.ndarray:
