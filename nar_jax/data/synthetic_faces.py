@@ -117,21 +117,17 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
   return buf.getvalue()
 
 
-def insert_comment(jpeg: bytes, comment: bytes) -> tuple[bytes, int]:
-  """Adds a COM segment after SOI and a leading JFIF APP0 segment.
-
-  Returns:
-    ``(jpeg, offset)``: the new bytes and where the comment body starts in them.
-  """
+def insert_comment(jpeg: bytes, comment: bytes) -> bytes:
+  """Adds a COM segment at `comment_position` (its body starts 4 bytes later)."""
   if len(comment) > 65533:
     raise ValueError(f'A JPEG comment holds at most 65533 bytes, got {len(comment)}.')
-  pos = _comment_position(jpeg)
+  pos = comment_position(jpeg)
   segment = b'\xff\xfe' + (len(comment) + 2).to_bytes(2, 'big') + comment
-  return jpeg[:pos] + segment + jpeg[pos:], pos + 4
+  return jpeg[:pos] + segment + jpeg[pos:]
 
 
-def _comment_position(jpeg: bytes) -> int:
-  """Where `encode_jpeg` puts a COM segment: after SOI and a leading APP0."""
+def comment_position(jpeg: bytes) -> int:
+  """Where `insert_comment` puts a COM segment: after SOI and a leading APP0."""
   if jpeg[2:4] == b'\xff\xe0':
     return 4 + int.from_bytes(jpeg[4:6], 'big')
   return 2
@@ -215,8 +211,8 @@ def write_synthetic_faces(
     for j in range(counts[i]):
       jpeg = encode_jpeg(view(t, i, j), quality)
       if magic_every and n % magic_every == 0:
-        body = header_bytes + _comment_position(jpeg) + 4
-        jpeg, _ = insert_comment(jpeg, magic_comment(body))
+        body = header_bytes + comment_position(jpeg) + 4
+        jpeg = insert_comment(jpeg, magic_comment(body))
       images.append(jpeg)
       n += 1
     identities.append(images)
