@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nar_jax import joint
+
 Params = dict[str, jax.Array]
 
 _MASKED_LOGIT = -1e9
@@ -133,3 +135,208 @@ def uniform_sample(key: jax.Array, mask: jax.Array) -> jax.Array:
   """``(num_nodes,)`` int32: each node's op uniformly among its allowed ops (pretraining)."""
   logits = jnp.where(mask, 0.0, _MASKED_LOGIT)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------
+# Joint controller: operators and skip connections (ENAS macro search, NAS-Arch baseline).
+# ---------------------------------------------------------------------------------------
+
+SKIP_TARGET = 0.4
+"""ENAS macro search's target skip probability (``controller_skip_target``)."""
+
+SKIP_WEIGHT = 0.8
+"""ENAS macro search's weight of the skip penalty in the loss (``controller_skip_weight``)."""
+
+JOINT_PARAM_GROUPS: dict[str, tuple[str, ...]] = {
+    'ops': ('op_embedding', 'softmax_kernel'),
+    'skips': ('attn_w1', 'attn_w2', 'attn_v'),
+    'shared': ('lstm_kernel', 'start_embedding'),
+}
+"""Joint controller leaves by role: only op decisions read ``softmax_kernel`` and only
+skip decisions the attention weights; ``op_embedding`` feeds the skip step's LSTM too
+(and ``start_embedding`` and the LSTM serve both), so a split of gradient *leaves* is
+ambiguous. :func:`nar_jax.reinforce.term_gradient_norms` splits gradient *terms*
+instead."""
+
+
+class JointSample(NamedTuple):
+  """One joint architecture. The first four fields mean what :class:`Sample`'s do.
+
+  Attributes:
+    arch: ``(L (L + 1) / 2,)`` int32, the flat encoding of :mod:`nar_jax.joint`.
+    log_prob: scalar ``op_log_prob + skip_log_prob``.
+    sample_entropy: scalar, ENAS's bonus ``sum -log p * p`` over the sampled ops *and*
+      skip bits (no gradient).
+    entropy: ``(L,)`` full entropy of each layer's op softmax.
+    op_log_prob: scalar ``sum_j log p(O_j | ...)``.
+    skip_log_prob: scalar ``sum_j sum_{t<j} log p(S_jt | ...)``.
+    skip_entropy: ``(L,)`` sum of the full entropies of layer ``j``'s skip decisions.
+    skip_penalty: scalar, ENAS's KL skip penalty (:func:`sample_joint`), differentiable.
+  """
+
+  arch: jax.Array
+  log_prob: jax.Array
+  sample_entropy: jax.Array
+  entropy: jax.Array
+  op_log_prob: jax.Array
+  skip_log_prob: jax.Array
+  skip_entropy: jax.Array
+  skip_penalty: jax.Array
+
+
+def init_joint(key: jax.Array, num_ops: int, hidden: int = 64,
+               init_range: float = 0.1) -> Params:
+  """Joint controller parameters, all uniform in ``[-init_range, init_range]``.
+
+  :func:`init`'s four weights plus the skip attention ``attn_w1 (H, H)``,
+  ``attn_w2 (H, H)`` and ``attn_v (H,)`` (ENAS ``w_attn_1``, ``w_attn_2``, ``v_attn``).
+  """
+  op_key, attn_key = jax.random.split(key)
+  params = init(op_key, num_ops, hidden, init_range)
+  shapes = {'attn_w1': (hidden, hidden), 'attn_w2': (hidden, hidden), 'attn_v': (hidden,)}
+  keys = jax.random.split(attn_key, len(shapes))
+  params.update({name: jax.random.uniform(k, shape, jnp.float32, -init_range, init_range)
+                 for k, (name, shape) in zip(keys, sorted(shapes.items()))})
+  return params
+
+
+def _decode_joint(params: Params, mask: jax.Array, tanh_constant: float, choose_op,
+                  choose_skips):
+  """ENAS macro sampler as one ``lax.scan`` over layers.
+
+  Layer ``j``: an LSTM step on the current input gives the op logits
+  ``tanh_constant * tanh(h @ W_softmax)`` (masked); ``choose_op(j, log_p)`` picks the
+  op. A second LSTM step on the op's embedding gives ``h``; each earlier layer ``t``
+  is scored ``q_t = v . tanh(W1 anchor_t + W2 h)`` and its skip bit has 2-way logits
+  ``tanh_constant * tanh([-q_t, q_t])``; ``choose_skips(j, log_p (L, 2)) -> (L,)``
+  picks the bits (only ``t < j`` count). ``anchor_j = h``. The next input is the
+  start embedding after layer 0, else the mean of the selected anchors
+  ``sum_t S_jt anchor_t / (1 + sum_t S_jt)`` (ENAS: zero when no skip is selected).
+
+  Returns ``(ops (L,), op_log_p (L, K), skips (L, L), skip_logits (L, L, 2))``;
+  ``skips`` is zero on and above the diagonal.
+  """
+  num_layers = mask.shape[0]
+  hidden = params['start_embedding'].shape[0]
+  positions = jnp.arange(num_layers)
+
+  def step(carry, inputs):
+    h, c, x, anchors, anchors_w1 = carry
+    layer, layer_mask = inputs
+    h, c = _lstm_cell(params['lstm_kernel'], x, h, c)
+    op_log_p = jax.nn.log_softmax(_masked_logits(params, h, layer_mask, tanh_constant))
+    op = choose_op(layer, op_log_p)
+    h, c = _lstm_cell(params['lstm_kernel'], params['op_embedding'][op], h, c)
+    query = jnp.tanh(anchors_w1 + h @ params['attn_w2']) @ params['attn_v']   # (L,)
+    skip_logits = tanh_constant * jnp.tanh(jnp.stack([-query, query], axis=-1))  # (L, 2)
+    valid = positions < layer
+    skips = jnp.where(valid, choose_skips(layer, jax.nn.log_softmax(skip_logits)), 0)
+    bits = skips.astype(jnp.float32)
+    x = jnp.where(layer == 0, params['start_embedding'], (bits @ anchors) / (1.0 + jnp.sum(bits)))
+    anchors = anchors.at[layer].set(h)
+    anchors_w1 = anchors_w1.at[layer].set(h @ params['attn_w1'])
+    return (h, c, x, anchors, anchors_w1), (op, op_log_p, skips, skip_logits)
+
+  zeros = jnp.zeros((hidden,), jnp.float32)
+  table = jnp.zeros((num_layers, hidden), jnp.float32)
+  carry = (zeros, zeros, params['start_embedding'], table, table)
+  _, (ops_, op_log_p, skips, skip_logits) = jax.lax.scan(step, carry, (positions, mask))
+  return ops_.astype(jnp.int32), op_log_p, skips.astype(jnp.int32), skip_logits
+
+
+def skip_penalty(skip_logits: jax.Array, skip_target: float = SKIP_TARGET) -> jax.Array:
+  """ENAS's skip penalty from the 2-way skip logits ``(L, L, 2)`` (rows: layers, cols: sources).
+
+  Exactly ENAS's ``skip_penaltys``: with ``p = sigmoid(logits)`` elementwise (so
+  ``p = [sigmoid(-l), sigmoid(l)]`` for logits ``[-l, l]``, a proper distribution)
+  and target ``r = [1 - skip_target, skip_target]``, layer ``j``'s penalty is
+  ``sum_{t<j} sum_n p_n log(p_n / r_n)``, averaged over layers ``1 .. L-1``.
+
+  Note: ENAS *samples* from ``softmax([-l, l])``, i.e. ``p(skip) = sigmoid(2 l)``; the
+  penalty's ``sigmoid(l)`` is ENAS's choice, kept here. A single layer gives 0.
+  """
+  num_layers = skip_logits.shape[0]
+  if num_layers < 2:
+    return jnp.zeros((), jnp.float32)
+  p = jax.nn.sigmoid(skip_logits)
+  target = jnp.asarray([1.0 - skip_target, skip_target], jnp.float32)
+  kl = jnp.sum(p * jnp.log(p / target), axis=-1)                            # (L, L)
+  lower = jnp.tril(jnp.ones((num_layers, num_layers), bool), -1)
+  per_layer = jnp.sum(jnp.where(lower, kl, 0.0), axis=-1)                    # (L,)
+  return jnp.sum(per_layer[1:]) / (num_layers - 1)
+
+
+def _summarise_joint(ops_, op_log_p, skips, skip_logits, skip_target) -> JointSample:
+  num_layers = op_log_p.shape[0]
+  lower = jnp.tril(jnp.ones((num_layers, num_layers), bool), -1)
+  op_chosen = jnp.take_along_axis(op_log_p, ops_[:, None], axis=1)[:, 0]     # (L,)
+  skip_log_p = jax.nn.log_softmax(skip_logits)                              # (L, L, 2)
+  skip_chosen = jnp.where(lower, jnp.take_along_axis(skip_log_p, skips[..., None], -1)[..., 0],
+                          0.0)                                               # (L, L)
+  sample_entropy = jax.lax.stop_gradient(
+      jnp.sum(-op_chosen * jnp.exp(op_chosen)) +
+      jnp.sum(jnp.where(lower, -skip_chosen * jnp.exp(skip_chosen), 0.0)))
+  skip_entropy = jnp.sum(jnp.where(lower, _entropy(skip_log_p), 0.0), axis=-1)
+  op_log_prob, skip_log_prob = jnp.sum(op_chosen), jnp.sum(skip_chosen)
+  return JointSample(joint.encode(ops_, skips), op_log_prob + skip_log_prob, sample_entropy,
+                     _entropy(op_log_p), op_log_prob, skip_log_prob, skip_entropy,
+                     skip_penalty(skip_logits, skip_target))
+
+
+def sample_joint(params: Params, key: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
+                 skip_target: float = SKIP_TARGET) -> JointSample:
+  """Samples one joint architecture; ``mask (L, num_ops)`` bool marks each layer's allowed ops.
+
+  Op ``j`` is drawn from its masked softmax, then each skip bit ``S_jt`` (``t < j``) from
+  its own 2-way softmax, independently given the LSTM state (ENAS).
+  """
+  op_keys, skip_keys = jnp.split(jax.random.split(key, 2 * mask.shape[0]), 2)
+  decoded = _decode_joint(
+      params, mask, tanh_constant,
+      lambda layer, lp: jax.random.categorical(op_keys[layer], lp),
+      lambda layer, lp: jax.random.categorical(skip_keys[layer], lp, axis=-1))
+  return _summarise_joint(*decoded, skip_target)
+
+
+def most_likely_joint(params: Params, mask: jax.Array, tanh_constant: float = 1.5,
+                      skip_target: float = SKIP_TARGET) -> JointSample:
+  """Greedy decoding: the most likely op, then every skip whose probability exceeds 1/2."""
+  decoded = _decode_joint(params, mask, tanh_constant, lambda layer, lp: jnp.argmax(lp),
+                          lambda layer, lp: jnp.argmax(lp, axis=-1))
+  return _summarise_joint(*decoded, skip_target)
+
+
+def _teacher(arch: jax.Array, num_layers: int):
+  ops_, skips = joint.split(jnp.asarray(arch, jnp.int32), num_layers)
+  return (lambda layer, lp: ops_[layer]), (lambda layer, lp: skips[layer])
+
+
+def log_probs_joint(params: Params, arch: jax.Array, mask: jax.Array,
+                    tanh_constant: float = 1.5) -> tuple[jax.Array, jax.Array]:
+  """Teacher-forced distributions of a given flat ``arch``.
+
+  Returns ``(op_log_p (L, num_ops), skip_probs (L, L))``: each layer's masked op
+  log-softmax and ``p(S_jt = 1)`` (zero for ``t >= j``), each conditioned on the
+  decisions of ``arch`` before it.
+  """
+  _, op_log_p, _, skip_logits = _decode_joint(params, mask, tanh_constant,
+                                              *_teacher(arch, mask.shape[0]))
+  lower = jnp.tril(jnp.ones(skip_logits.shape[:2], bool), -1)
+  return op_log_p, jnp.where(lower, jax.nn.softmax(skip_logits)[..., 1], 0.0)
+
+
+def log_prob_joint(params: Params, arch: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
+                   skip_target: float = SKIP_TARGET) -> JointSample:
+  """Scores a given flat ``arch``; ``log_prob``, its two parts and ``skip_penalty`` are
+  differentiable and equal what :func:`sample_joint` returned when it drew ``arch``."""
+  decoded = _decode_joint(params, mask, tanh_constant, *_teacher(arch, mask.shape[0]))
+  return _summarise_joint(*decoded, skip_target)
+
+
+def uniform_sample_joint(key: jax.Array, mask: jax.Array, skip_prob: float = 0.5) -> jax.Array:
+  """Flat joint architecture: ops uniform among each layer's allowed ops, each skip bit
+  on with probability ``skip_prob`` (pretraining the shared weights)."""
+  op_key, skip_key = jax.random.split(key)
+  num_layers = mask.shape[0]
+  skips = jax.random.bernoulli(skip_key, skip_prob, (num_layers, num_layers))
+  return joint.encode(uniform_sample(op_key, mask), skips)

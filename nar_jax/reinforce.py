@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nar_jax import controller, joint
+
 
 def ema_advantages(baseline: jax.Array, rewards: jax.Array,
                    decay: float) -> tuple[jax.Array, jax.Array]:
@@ -62,3 +64,132 @@ def assigned_operator_rewards(archs: jax.Array, rewards: jax.Array, num_ops: int
   """Eq. 6: ``R_O[j, k] = sum_i [a^i_j == k] R^i / M``; returns ``(num_nodes, num_ops)``."""
   one_hot = jax.nn.one_hot(archs, num_ops)                        # (M, N, K)
   return jnp.einsum('mnk,m->nk', one_hot, rewards) / archs.shape[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Operators vs skip connections (eq. 3-7, Figure 1): diagnostics of a controller update.
+# ---------------------------------------------------------------------------------------
+
+
+def joint_loss(log_probs: jax.Array, advantages: jax.Array, skip_penalties: jax.Array,
+               skip_weight: float) -> jax.Array:
+  """ENAS's joint controller loss: :func:`reinforce_loss` + ``skip_weight * mean_i penalty_i``.
+
+  ``log_probs, advantages, skip_penalties (M,)``: per sampled architecture, its whole
+  log-probability (ops and skips), advantage and KL skip penalty.
+  """
+  return reinforce_loss(log_probs, advantages) + skip_weight * jnp.mean(skip_penalties)
+
+
+def term_gradient_norms(terms_fn, params) -> jax.Array:
+  """Global L2 norm of the gradient of each term: ``(T,)`` for ``terms_fn(params) -> T scalars``.
+
+  For Figure 1 pass the two parts of the REINFORCE loss, ``mean_i -log p(O^i) A_i``
+  and ``mean_i -log p(S^i) A_i`` (eq. 3's operator and skip sums): their gradients
+  add up to the REINFORCE gradient, and each is attributed to its decisions no
+  matter which parameters (shared LSTM included) it flows through.
+  """
+  jacobian = jax.jacrev(lambda p: jnp.stack(terms_fn(p)))(params)
+  squares = [jnp.sum(jnp.reshape(leaf, (leaf.shape[0], -1)) ** 2, axis=1)
+             for leaf in jax.tree.leaves(jacobian)]
+  return jnp.sqrt(sum(squares))
+
+
+def group_gradient_norms(grads: dict, groups: dict[str, tuple[str, ...]]) -> dict[str, jax.Array]:
+  """L2 norm of the gradient leaves of each named group, e.g.
+  :data:`nar_jax.controller.JOINT_PARAM_GROUPS`; every leaf must be in exactly one group."""
+  names = [n for members in groups.values() for n in members]
+  if sorted(names) != sorted(grads):
+    raise ValueError(f'parameter groups {sorted(names)} do not partition the gradient '
+                     f'leaves {sorted(grads)}')
+  return {group: jnp.sqrt(sum(jnp.sum(grads[n] ** 2) for n in members))
+          for group, members in groups.items()}
+
+
+def assigned_skip_rewards(skips: jax.Array, rewards: jax.Array) -> jax.Array:
+  """Eq. 7: ``R_S[j, t, n] = sum_i [S^i_jt == n] R^i / M``; returns ``(L, L, 2)``.
+
+  ``skips (M, L, L)`` are the sampled bits (:func:`nar_jax.joint.split`), ``n = 1``
+  the reward handed to "skip present", ``n = 0`` to "absent". Entries with
+  ``t >= j`` (no such skip) are zero.
+  """
+  num_layers = skips.shape[-1]
+  lower = jnp.tril(jnp.ones((num_layers, num_layers), bool), -1)
+  one_hot = jax.nn.one_hot(skips, 2) * lower[..., None]                   # (M, L, L, 2)
+  return jnp.einsum('mjtn,m->jtn', one_hot, rewards) / skips.shape[0]
+
+
+def operator_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
+                                advantages: jax.Array, mask: jax.Array,
+                                tanh_constant: float) -> dict[str, jax.Array]:
+  """Diagnostics of one operator-only (NAR) controller update.
+
+  Args:
+    params: controller parameters (:func:`nar_jax.controller.init`) the archs were
+      sampled from.
+    archs: ``(M, num_nodes)`` sampled op indices; ``rewards, advantages (M,)``.
+    mask: ``(num_nodes, num_ops)`` candidate mask.
+
+  Returns a dict: ``grad_norm_ops`` (norm of the REINFORCE gradient), ``op_probs``
+  ``(num_nodes, num_ops)`` (teacher-forced ``p(O_j | context)`` averaged over the
+  ``M`` samples, an estimate of each node's marginal), ``op_entropy (num_nodes,)``
+  (averaged the same way) and ``op_rewards`` (eq. 6, ``(num_nodes, num_ops)``).
+  """
+  def loss(p):
+    scored = jax.vmap(controller.log_prob, (None, 0, None, None))(p, archs, mask, tanh_constant)
+    return (reinforce_loss(scored.log_prob, advantages),)
+
+  op_log_p = jax.vmap(controller.log_probs, (None, 0, None, None))(params, archs, mask,
+                                                                   tanh_constant)
+  return {
+      'grad_norm_ops': term_gradient_norms(loss, params)[0],
+      'op_probs': jnp.mean(jnp.exp(op_log_p), axis=0),
+      'op_entropy': jnp.mean(-jnp.sum(jnp.exp(op_log_p) * op_log_p, axis=-1), axis=0),
+      'op_rewards': assigned_operator_rewards(archs, rewards, op_log_p.shape[-1]),
+  }
+
+
+def joint_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
+                             advantages: jax.Array, mask: jax.Array,
+                             tanh_constant: float) -> dict[str, jax.Array]:
+  """Diagnostics of one joint (ops + skips) controller update: the paper's Figure 1 and eq. 6-7.
+
+  Args:
+    params: joint controller parameters (:func:`nar_jax.controller.init_joint`).
+    archs: ``(M, L (L + 1) / 2)`` sampled flat joint architectures;
+      ``rewards, advantages (M,)``.
+    mask: ``(L, num_ops)`` candidate mask.
+
+  Returns a dict:
+    ``grad_norm_ops``, ``grad_norm_skips``: :func:`term_gradient_norms` of
+      ``mean_i -log p(O^i) A_i`` and ``mean_i -log p(S^i) A_i`` (the skip penalty's
+      gradient is in neither);
+    ``op_probs (L, num_ops)``, ``skip_probs (L, L)``: teacher-forced ``p(O_j)`` and
+      ``p(S_jt = 1)`` averaged over the ``M`` samples;
+    ``op_entropy (L,)``, ``skip_entropy (L,)``: per-layer entropies, averaged alike
+      (a layer's skip entropy sums its ``j`` bits);
+    ``op_rewards (L, num_ops)`` (eq. 6), ``skip_rewards (L, L, 2)`` (eq. 7).
+  """
+  score = lambda p: jax.vmap(controller.log_prob_joint, (None, 0, None, None))(
+      p, archs, mask, tanh_constant)
+
+  def terms(p):
+    scored = score(p)
+    return (reinforce_loss(scored.op_log_prob, advantages),
+            reinforce_loss(scored.skip_log_prob, advantages))
+
+  norms = term_gradient_norms(terms, params)
+  scored = score(params)
+  op_log_p, skip_probs = jax.vmap(controller.log_probs_joint, (None, 0, None, None))(
+      params, archs, mask, tanh_constant)
+  ops_, skips = joint.split(archs, mask.shape[0])
+  return {
+      'grad_norm_ops': norms[0],
+      'grad_norm_skips': norms[1],
+      'op_probs': jnp.mean(jnp.exp(op_log_p), axis=0),
+      'skip_probs': jnp.mean(skip_probs, axis=0),
+      'op_entropy': jnp.mean(scored.entropy, axis=0),
+      'skip_entropy': jnp.mean(scored.skip_entropy, axis=0),
+      'op_rewards': assigned_operator_rewards(ops_, rewards, op_log_p.shape[-1]),
+      'skip_rewards': assigned_skip_rewards(skips, rewards),
+  }

@@ -1,0 +1,240 @@
+"""ENAS's macro network over a :class:`~nar_jax.joint.JointSpace`: supernet and fixed network.
+
+Layout (ENAS ``general_child``, see :mod:`nar_jax.joint` for the notation):
+
+* stem: conv3x3 + BatchNorm (no activation, as ENAS), giving ``x_0``;
+* layer ``j``: a branch on ``x_j``, then ``+ sum_t S[j, t] x_t`` over the selected
+  earlier outputs and, for ``j > 0``, a BatchNorm, giving ``x_{j+1}``;
+* after each pool layer, every output so far goes through its own
+  :class:`FactorizedReduction` (stride 2);
+* global average pool of the last layer's output and a dense head.
+
+Every branch follows ENAS: ``1x1 conv + BN + ReLU`` (``inp_conv``/``inp_bn``), then the
+operator (:class:`nar_jax.ops.Operator`: its convs or pool, then BN), then ReLU.
+This matches ENAS's conv branches exactly. ENAS's pool branches end with the
+pool; here a BN sits between the pool and the final ReLU (``ops.Operator``
+always ends with BN), and separable ops are depthwise + pointwise as in ENAS.
+
+One module class serves both networks (as :class:`nar_jax.models.resnet.ResNet`):
+
+* **supernet** (``arch=None``): ``__call__(images, arch_vector, train=...)`` takes the
+  flat joint architecture as a traced int32 vector: ops pick a branch with
+  ``nn.switch`` and skips are added as ``bit * x_t``, so one trace serves every
+  architecture. All factorized reductions run.
+* **fixed network** (``arch`` = a flat joint architecture): holds only the chosen op
+  of each layer, adds only the selected skips and builds only the reductions the
+  architecture needs (:func:`nar_jax.joint.needed_reductions`). Its variables are
+  the supernet's restricted by :func:`select_branches`.
+
+Variable names: layer ``j``'s branches live under ``node{j:02d}/<op name>`` (the
+naming :func:`nar_jax.models.resnet.branch_mask` reads), its post-skip BatchNorm
+is ``layer{j:02d}_bn``, and the reduction of ``x_t`` at the ``k``-th pool layer is
+``reduce{k}_from{t:02d}``. Each layer's output is also sown into the
+``intermediates`` collection as ``layer{j:02d}`` (a no-op unless it is mutable).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nar_jax import joint, ops
+from nar_jax.joint import JointSpace
+from nar_jax.models import resnet
+
+_REDUCTION = re.compile(r'reduce(\d+)_from(\d+)$')
+
+
+class Branch(nn.Module):
+  """ENAS branch: ``1x1 conv + BN + ReLU``, operator ``op`` (convs or pool, then BN), ReLU."""
+
+  op: str
+  channels: int
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = ops.Conv(self.channels, 1, dtype=self.dtype, name='inp_conv')(x)
+    x = nn.relu(ops.batch_norm(train, self.bn_axis_name, self.dtype, name='inp_bn')(x))
+    x = ops.Operator(self.op, self.channels, 1, dtype=self.dtype,
+                     bn_axis_name=self.bn_axis_name, name='op')(x, train)
+    return nn.relu(x)
+
+
+class LayerChoice(nn.Module):
+  """A layer that runs one of ``choices`` (op names), selected by a traced op index.
+
+  Same mechanics as :class:`nar_jax.models.resnet.ChoiceNode` (whose branch body is
+  fixed to ``NodeOp``): every branch is created at ``init`` without compiling a
+  switch, and branches are built inside the switch's scope so that their BatchNorm
+  statistics are carried out of it.
+  """
+
+  choices: tuple[str, ...]
+  channels: int
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
+    def make(op):
+      return Branch(op, self.channels, self.dtype, self.bn_axis_name, name=op)
+
+    if len(self.choices) == 1:
+      return make(self.choices[0])(x, train)
+    table = np.zeros(len(ops.OP_NAMES), np.int32)
+    for j, op in enumerate(self.choices):
+      table[ops.OP_NAMES.index(op)] = j
+    branch_index = jnp.asarray(table)[op_index]
+    if self.is_initializing():
+      return jax.lax.select_n(branch_index, *[make(op)(x, train) for op in self.choices])
+    fns = [lambda mdl, x, op=op: make(op)(x, train) for op in self.choices]
+    return nn.switch(branch_index, fns, self, x)
+
+
+def factorized_inputs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """ENAS's two stride-2 views of ``x (B, H, W, C)``: ``x[:, ::2, ::2]`` and the same grid
+  shifted by one pixel down-right (zero past the border); both ``(B, ceil(H/2), ceil(W/2), C)``."""
+  shifted = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))[:, 1:, 1:, :]
+  return x[:, ::2, ::2, :], shifted[:, ::2, ::2, :]
+
+
+class FactorizedReduction(nn.Module):
+  """Stride-2 reduction without dropping pixels: two 1x1 convs (``channels / 2`` each) on
+  the two :func:`factorized_inputs` views, concatenated, then BatchNorm."""
+
+  channels: int
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.channels % 2:
+      raise ValueError(f'factorized reduction needs an even channel count, got {self.channels}')
+    a, b = factorized_inputs(x)
+    a = ops.Conv(self.channels // 2, 1, dtype=self.dtype, name='path1_conv')(a)
+    b = ops.Conv(self.channels // 2, 1, dtype=self.dtype, name='path2_conv')(b)
+    return ops.batch_norm(train, self.bn_axis_name, self.dtype, name='bn')(
+        jnp.concatenate([a, b], axis=-1))
+
+
+class MacroNet(nn.Module):
+  """ENAS macro network: supernet (``arch=None``) or the fixed network of ``arch``.
+
+  Attributes:
+    space: the joint space.
+    num_classes: classifier outputs.
+    arch: ``None`` for the supernet, else a joint architecture (flat vector or
+      readable form; validated).
+    dtype: compute dtype (parameters and BN statistics stay float32).
+    bn_axis_name: mesh axis for synchronised BatchNorm in training, or ``None``.
+  """
+
+  space: JointSpace
+  num_classes: int
+  arch: tuple[int, ...] | None = None
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, images: jax.Array, arch: jax.Array | None = None, *,
+               train: bool) -> jax.Array:
+    """Logits ``(B, num_classes)`` for ``images (B, H, W, C)``.
+
+    ``arch`` is the flat joint architecture ``(L (L + 1) / 2,)`` int32 for the
+    supernet (may be traced) and must be ``None`` for a fixed network.
+    """
+    if (self.arch is None) == (arch is None):
+      raise ValueError('pass the architecture to the supernet (arch=None) and only to it')
+    sp = self.space
+    if self.arch is None:
+      op_index, skips = joint.split(jnp.asarray(arch), sp.num_layers)
+      needed = None
+    else:
+      op_index, skips = joint.split(np.asarray(sp.validate(self.arch)), sp.num_layers)
+      needed = joint.needed_reductions(skips, sp.pool_layers)
+    bn = lambda name: ops.batch_norm(train, self.bn_axis_name, self.dtype, name=name)
+
+    x = ops.Conv(sp.stage_channels(0), 3, dtype=self.dtype, name='stem_conv')(images)
+    outputs: list[jax.Array | None] = [bn('stem_bn')(x)]
+    for j in range(sp.num_layers):
+      channels = sp.stage_channels(sp.stage_of(j))
+      if self.arch is None:
+        y = LayerChoice(sp.candidates, channels, self.dtype, self.bn_axis_name,
+                        name=f'node{j:02d}')(outputs[-1], op_index[j], train)
+        for t in range(j):
+          y = y + skips[j, t].astype(y.dtype) * outputs[t]
+      else:
+        y = LayerChoice((ops.OP_NAMES[int(op_index[j])],), channels, self.dtype,
+                        self.bn_axis_name, name=f'node{j:02d}')(outputs[-1], None, train)
+        for t in range(j):
+          if skips[j, t]:
+            y = y + outputs[t]
+      if j > 0:
+        y = bn(f'layer{j:02d}_bn')(y)
+      self.sow('intermediates', f'layer{j:02d}', y)
+      outputs.append(y)
+      if j in sp.pool_layers:
+        k = sp.pool_layers.index(j)
+        reduce = lambda t, o: FactorizedReduction(
+            sp.stage_channels(k + 1), self.dtype, self.bn_axis_name,
+            name=f'reduce{k}_from{t:02d}')(o, train)
+        outputs = [reduce(t, o) if needed is None or needed[k, t] else None
+                   for t, o in enumerate(outputs)]
+
+    x = jnp.mean(y, axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                      name='head')(x)
+    return logits.astype(jnp.float32)
+
+
+def _reduction_of(path) -> tuple[int, int] | None:
+  """``(pool index k, source t)`` if a variable path lies inside a factorized reduction."""
+  for p in path:
+    match = _REDUCTION.match(str(getattr(p, 'key', '')))
+    if match:
+      return int(match.group(1)), int(match.group(2))
+  return None
+
+
+def branch_mask(tree: Any, arch: jax.Array, space: JointSpace) -> Any:
+  """Bool pytree like ``tree`` (scalar leaves): True where a leaf is used by ``arch``.
+
+  Unselected op branches (via :func:`nar_jax.models.resnet.branch_mask` on the op
+  indices) and factorized reductions whose output no layer of ``arch`` reads are
+  False; everything else (stem, post-skip BatchNorms, head) is True. ``arch`` is the
+  flat joint vector and may be traced.
+  """
+  op_index, skips = joint.split(jnp.asarray(arch), space.num_layers)
+  needed = joint.needed_reductions(skips, space.pool_layers)
+  op_mask = resnet.branch_mask(tree, op_index)
+
+  def leaf_mask(path, used):
+    found = _reduction_of(path)
+    return used if found is None else needed[found]
+
+  return jax.tree_util.tree_map_with_path(leaf_mask, op_mask)
+
+
+def select_branches(variables: Any, arch: Sequence[Any], space: JointSpace) -> Any:
+  """The supernet's variables restricted to ``arch``: the fixed network's variables."""
+  op_index, skips = joint.split(np.asarray(space.validate(arch)), space.num_layers)
+  needed = joint.needed_reductions(skips, space.pool_layers)
+  pruned = resnet.select_branches(variables, tuple(int(o) for o in op_index))
+
+  def prune(tree, path):
+    found = _reduction_of(path)
+    if found is not None and not needed[found]:
+      return None
+    if not hasattr(tree, 'items'):
+      return tree
+    kept = {k: prune(v, path + (jax.tree_util.DictKey(k),)) for k, v in tree.items()}
+    return {k: v for k, v in kept.items() if v is not None}
+
+  return prune(pruned, ())
