@@ -63,14 +63,12 @@ def _images(seed, shape=IMAGE_SHAPE):
 
 
 def _apply_all(net, variables, images, labels, dropout_key, *op_indices):
-  """(eval logits, eval embedding, train margin logits, train-updated batch_stats,
-  eval margin logits)."""
+  """(eval logits, eval embedding, train margin logits, train-updated batch_stats)."""
   eval_logits = net.apply(variables, images, *op_indices, train=False)
   embedding = net.apply(variables, images, *op_indices, train=False, method='embed')
   train_logits, updates = net.apply(variables, images, *op_indices, train=True, labels=labels,
                                     rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-  eval_margin_logits = net.apply(variables, images, *op_indices, train=False, labels=labels)
-  return eval_logits, embedding, train_logits, updates['batch_stats'], eval_margin_logits
+  return eval_logits, embedding, train_logits, updates['batch_stats']
 
 
 @dataclasses.dataclass
@@ -190,46 +188,76 @@ def test_one_trace_serves_many_architectures(setup):
 # Heads: logits, margin, embedding, dropout.
 
 
-def test_logits_are_scaled_cosines_of_the_embedding(setup):
-  """labels=None: s * cos(embedding, class weight); with labels only the target logit
-  changes, to s * (cos(theta + m)) (ArcFace)."""
-  eval_logits, embedding = setup.supernet_out[0][:2]
-  weight = np.asarray(setup.variables['params']['head']['weight'], np.float64)
-  emb = np.asarray(embedding, np.float64)
-  cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
+def _cosines(embedding, weight):
+  emb, weight = np.asarray(embedding, np.float64), np.asarray(weight, np.float64)
+  return (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
       weight / np.linalg.norm(weight, axis=1, keepdims=True)).T
+
+
+def test_logits_are_scaled_cosines_of_the_embedding(setup):
+  """labels=None: s * cos(embedding, class weight)."""
+  eval_logits, embedding = setup.supernet_out[0][:2]
+  cos = _cosines(embedding, setup.variables['params']['head']['weight'])
   np.testing.assert_allclose(eval_logits, 64.0 * cos, atol=2e-3, rtol=1e-4)
 
-  with_labels = setup.supernet_out[0][4]
-  rows, labels = np.arange(IMAGE_SHAPE[0]), np.asarray(setup.labels)
-  target = np.asarray(margins.target_cosine(jnp.asarray(cos[rows, labels], jnp.float32),
-                                            margins.Margin.arcface()))
-  expected = 64.0 * cos
-  expected[rows, labels] = 64.0 * target
-  np.testing.assert_allclose(with_labels, expected, atol=2e-3, rtol=1e-4)
-  assert np.all(np.asarray(with_labels)[rows, labels] < np.asarray(eval_logits)[rows, labels])
 
-
-def test_dropout_needs_the_dropout_rng_and_uses_it(monkeypatch):
-  """Train mode draws the dropout mask from the 'dropout' rng (same key, same mask); eval
-  mode is deterministic and needs no rng."""
-  monkeypatch.setitem(space.IR_UNITS, 2, (1, 1))
-  sp = space.ir_space(2, width=0.0625, embedding_size=8)
-  net = IResNet(sp, 3, arch=sp.baseline())
+@pytest.fixture(scope='module')
+def tiny():
+  """A fixed two-unit IR (stages of 1 + 1 units) with a CosFace margin at s = 30."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setitem(space.IR_UNITS, 2, (1, 1))
+    sp = space.ir_space(2, width=0.0625, embedding_size=8)
+  net = IResNet(sp, 3, arch=sp.baseline(), margin=margins.Margin.cosface(30.0))
   images = _images(4, (4, 8, 8, 3))
-  variables = _random_variables(_init_shapes(net, images), seed=5)
+  return net, _random_variables(_init_shapes(net, images), seed=5), images
+
+
+def test_labels_put_the_margin_on_the_target_logit(tiny):
+  """With labels only the target logit changes, to s * (cos(theta) - m3) (CosFace here);
+  the embedding method returns what the logits are computed from."""
+  net, variables, images = tiny
+  labels = jnp.asarray([0, 1, 2, 1])
 
   @jax.jit
-  def train_embed(key):
-    return net.apply(variables, images, train=True, method='embed', rngs={'dropout': key},
+  def outputs(variables):
+    return (net.apply(variables, images, train=False),
+            net.apply(variables, images, train=False, labels=labels),
+            net.apply(variables, images, train=False, method='embed'))
+
+  plain, with_labels, embedding = outputs(variables)
+  chex.assert_shape(embedding, (4, 8))
+  cos = _cosines(embedding, variables['params']['head']['weight'])
+  np.testing.assert_allclose(plain, 30.0 * cos, atol=1e-3, rtol=1e-4)
+  expected = 30.0 * cos
+  expected[np.arange(4), labels] -= 30.0 * 0.35
+  np.testing.assert_allclose(with_labels, expected, atol=1e-3, rtol=1e-4)
+
+
+def test_dropout_needs_the_dropout_rng_and_uses_it(tiny):
+  """Training (train=True with labels) draws the dropout mask from the 'dropout' rng: same
+  key, same logits; another key, other logits; no rng, an error. A train-mode pass
+  without labels (scoring with batch statistics) and eval mode use no dropout."""
+  net, variables, images = tiny
+  labels = jnp.asarray([0, 1, 2, 1])
+
+  @jax.jit
+  def train_logits(key):
+    return net.apply(variables, images, train=True, labels=labels, rngs={'dropout': key},
                      mutable=['batch_stats'])[0]
 
-  first, again, other = (train_embed(jax.random.key(k)) for k in (1, 1, 2))
+  first, again, other = (train_logits(jax.random.key(k)) for k in (1, 1, 2))
   np.testing.assert_array_equal(first, again)
   assert not np.allclose(first, other, atol=1e-3)
   with pytest.raises(Exception, match='dropout'):
-    net.apply(variables, images, train=True, mutable=['batch_stats'])
-  chex.assert_tree_all_finite(net.apply(variables, images, train=False))
+    jax.eval_shape(lambda: net.apply(variables, images, train=True, labels=labels,
+                                     mutable=['batch_stats']))
+
+  @jax.jit
+  def scoring(key):
+    return net.apply(variables, images, train=True, rngs={'dropout': key},
+                     mutable=['batch_stats'])[0]
+
+  np.testing.assert_array_equal(scoring(jax.random.key(1)), scoring(jax.random.key(2)))
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ version_output='E'``; DESIGN.md section 5), every BatchNorm with eps 2e-5:
 * classifier: :class:`~nar_jax.margins.CosineHead` (``head/weight``) and the margin of
   :mod:`nar_jax.margins`.
 
-Dropout draws from the ``'dropout'`` rng stream when ``train=True``:
+Dropout draws from the ``'dropout'`` rng stream when ``train=True`` and labels are given:
 ``model.apply(variables, images, op_indices, train=True, labels=labels,
 rngs={'dropout': key}, mutable=['batch_stats'])``. Evaluation (``train=False``) and
 ``init`` need no dropout rng.
@@ -87,9 +87,9 @@ class IResNet(nn.Module):
       images: ``(x - 127.5) / 128`` for ArcFace's 112x112 faces.
       op_indices: the architecture ``(num_nodes,)`` int32 for the supernet; ``None``
         for a fixed network.
-      train: batch statistics and dropout (needs the ``'dropout'`` rng).
+      train: batch statistics; with ``labels`` also dropout (needs the ``'dropout'`` rng).
       labels: ``(B,)`` int class indices: the margin is applied to each target logit
-        (training loss). ``None``: plain ``s * cos(theta)`` logits (accuracy).
+        (training loss). ``None``: plain ``s * cos(theta)`` logits (accuracy), no dropout.
       embed_only: return the embedding ``(B, embedding_size)`` instead (see :meth:`embed`).
     """
     if self.space.family != 'ir':
@@ -128,7 +128,10 @@ class IResNet(nn.Module):
         x = y + shortcut
 
     x = bn('output_bn')(x)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train, name='output_dropout')(x)
+    # Dropout belongs to the training loss (train=True with labels). A train-mode pass
+    # without labels is train.predict scoring an architecture with batch statistics.
+    x = nn.Dropout(self.dropout_rate, deterministic=not train or labels is None,
+                   name='output_dropout')(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.space.embedding_size, dtype=self.dtype, param_dtype=jnp.float32,
                  name='embedding_dense')(x)
