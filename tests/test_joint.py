@@ -248,9 +248,9 @@ def _reference_log_prob(params, arch, mask, tanh_constant=1.5):
 @pytest.mark.parametrize('seed', [0, 1])
 def test_log_prob_joint_matches_a_python_loop_reference(seed):
   """Attention over anchors, 2-way skip logits, next input = mean of selected anchors."""
-  num_layers = 5
+  num_layers = 4
   mask = _mask(num_layers, seed)
-  params = _peaked_joint(seed, scale=5.0, hidden=16)
+  params = _peaked_joint(seed, scale=5.0, hidden=8)
   arch = _sample_joint(params, jax.random.key(seed), mask).arch
   assert np.asarray(joint.split(arch, num_layers)[1]).sum() >= 2  # skips exercise the mean
   scored = _log_prob_joint(params, arch, mask)
@@ -264,7 +264,7 @@ def test_joint_sampling_distribution_equals_scored_distribution():
   params = controller.init_joint(jax.random.key(0), 2, hidden=8, init_range=1.0)
   mask = jnp.ones((2, 2), bool)
   archs = jax.jit(jax.vmap(lambda k: controller.sample_joint(params, k, mask).arch))(
-      jax.random.split(jax.random.key(1), 40_000))
+      jax.random.split(jax.random.key(1), 20_000))
   codes = np.asarray(archs) @ np.array([4, 2, 1])
   freq = np.bincount(codes, minlength=8) / codes.size
   exact = np.array([np.exp(float(_log_prob_joint(params, jnp.asarray(a), mask).log_prob))
@@ -327,8 +327,8 @@ def test_most_likely_joint_is_greedy():
 
 def test_uniform_sample_joint_respects_mask_and_skip_rate():
   mask = _mask(6, 5)
-  archs = np.asarray(jax.vmap(controller.uniform_sample_joint, (0, None, None))(
-      jax.random.split(jax.random.key(0), 2000), mask, 0.3))
+  archs = np.asarray(jax.jit(jax.vmap(controller.uniform_sample_joint, (0, None, None)),
+                             static_argnums=2)(jax.random.split(jax.random.key(0), 2000), mask, 0.3))
   ops_, skips = joint.split(archs, 6)
   assert np.asarray(mask)[np.arange(6), ops_].all()
   assert not skips[:, np.triu_indices(6)[0], np.triu_indices(6)[1]].any()
@@ -397,9 +397,8 @@ def setup() -> Setup:
 
   run = jax.jit(run)
   mask = jnp.asarray(sp.candidate_mask())
-  archs = [sp.baseline()] + [
-      tuple(int(a) for a in controller.uniform_sample_joint(k, mask))
-      for k in jax.random.split(jax.random.key(3), 2)]
+  archs = [sp.baseline(), tuple(int(a) for a in controller.uniform_sample_joint(
+      jax.random.key(3), mask))]
   supernet_out, fixed_out = [], []
   for arch in archs:
     supernet_out.append(run(variables, images, jnp.asarray(arch, jnp.int32)))
@@ -515,8 +514,8 @@ def test_branch_mask_matches_select_branches(setup):
 
 
 def test_supernet_gradients_vanish_exactly_outside_the_mask():
-  """4 layers, 2 ops: selected leaves get the fixed network's gradient, the others zero."""
-  sp = joint.joint_space(4, 4, candidates=('conv3x3', 'max3x3'))
+  """3 layers, 2 ops: selected leaves get the fixed network's gradient, the others zero."""
+  sp = joint.joint_space(3, 4, candidates=('conv3x3', 'max3x3'))
   net = macro.MacroNet(sp, NUM_CLASSES)
   images = jnp.asarray(np.random.default_rng(5).standard_normal(IMAGE_SHAPE), jnp.float32)
   shapes = jax.eval_shape(lambda x, a: net.init(jax.random.key(0), x, a, train=False),
@@ -530,9 +529,9 @@ def test_supernet_gradients_vanish_exactly_outside_the_mask():
     return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(logits), -1))
 
   grad = jax.jit(jax.grad(lambda p, a: loss(net, p, variables['batch_stats'], a)))
-  # Pools after layers 0 and 1. Layers 2 and 3 skip x_1 (layer 0's output); nothing reads
-  # the stem after the first pool, so its reductions are unused.
-  arch = (4, 0, 0, 4, 0, 1, 0, 0, 1, 0)
+  # Pools after layers 0 and 1. Layer 2 skips x_1 (layer 0's output); nothing reads the
+  # stem after the first pool, so its reductions are unused.
+  arch = (0, 4, 0, 0, 0, 1)
   grads = grad(variables['params'], jnp.asarray(arch))
   fixed = macro.MacroNet(sp, NUM_CLASSES, arch=arch)
   fixed_vars = macro.select_branches(variables, arch, sp)
@@ -603,9 +602,9 @@ def test_joint_loss_adds_the_weighted_mean_penalty():
 
 def test_joint_update_diagnostics_on_a_toy_batch():
   """Every field against an independent computation on 4 sampled archs of 4 layers."""
-  num_layers, m = 4, 4
+  num_layers, m = 3, 4
   mask = _mask(num_layers, 8)
-  params = _peaked_joint(8, scale=3.0, hidden=16)
+  params = _peaked_joint(8, scale=3.0, hidden=8)
   archs = jax.vmap(controller.sample_joint, (None, 0, None))(
       params, jax.random.split(jax.random.key(2), m), mask).arch
   rewards = jnp.asarray([0.1, 0.5, 0.9, 0.3])
@@ -619,15 +618,13 @@ def test_joint_update_diagnostics_on_a_toy_batch():
     grad = lambda field: jax.grad(lambda p: jnp.mean(-getattr(score(p), field) * advantages))
     op_log_p, skip_p = jax.vmap(controller.log_probs_joint, (None, 0, None))(params, archs, mask)
     return (optax.tree.norm(grad('op_log_prob')(params)),
-            optax.tree.norm(grad('skip_log_prob')(params)),
-            optax.tree.norm(grad('log_prob')(params)), jnp.exp(op_log_p), skip_p, score(params))
+            optax.tree.norm(grad('skip_log_prob')(params)), jnp.exp(op_log_p), skip_p,
+            score(params))
 
-  ops_norm, skips_norm, total_norm, op_p, skip_p, scored = reference(params)
+  ops_norm, skips_norm, op_p, skip_p, scored = reference(params)
   np.testing.assert_allclose([diag['grad_norm_ops'], diag['grad_norm_skips']],
                              [ops_norm, skips_norm], rtol=1e-4)
   assert float(diag['grad_norm_ops']) > 0 and float(diag['grad_norm_skips']) > 0
-  # Two parts of one gradient: the triangle inequality, strict unless they were parallel.
-  assert float(total_norm) < float(ops_norm + skips_norm)
   np.testing.assert_allclose(diag['op_probs'], op_p.mean(0), atol=1e-5)
   np.testing.assert_allclose(diag['skip_probs'], skip_p.mean(0), atol=1e-5)
   np.testing.assert_allclose(diag['op_probs'].sum(-1), 1.0, atol=1e-5)
