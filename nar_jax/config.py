@@ -12,6 +12,9 @@ import ml_collections
 
 from nar_jax import ops
 
+DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces')
+FACE_DATASETS = ('faces', 'synthetic_faces')
+
 
 def sgd_config(lr_max: float, lr_min: float, t0_epochs: float, t_mul: float,
                weight_decay: float, momentum: float = 0.9, nesterov: bool = True,
@@ -36,21 +39,35 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_devices = 0            # 0: every local device; the data mesh spans them.
 
   c.dataset = ml_collections.ConfigDict(dict(
-      name='cifar10',            # 'cifar10' | 'mnist5k' | 'synthetic'
-      data_dir='',               # TFDS data_dir holding prepared cifar10 ('' = TFDS default)
+      # 'cifar10' | 'mnist5k' | 'synthetic' | 'faces' (insightface files in data_dir) |
+      # 'synthetic_faces' (written into data_dir, or <workdir>/data, on first use)
+      name='cifar10',
+      data_dir='',               # cifar10: TFDS data_dir ('' = TFDS default); faces: the
+                                 # directory with train.rec, train.idx, property, *.bin
       valid_size=-1,             # -1: the dataset's default (5,000 for CIFAR-10, as ENAS)
       crop_padding=4,            # on-device pad-and-random-crop
       flip=True,                 # on-device random horizontal flip
+      # Faces only.
+      verification='',           # comma-separated .bin names in data_dir: 'lfw,cfp_fp,agedb_30'
+      proxy=ml_collections.ConfigDict(dict(  # the search's proxy task (paper section 4.1.1)
+          num_identities=4000, images_per_identity=40, valid_per_identity=4)),
+      synthetic=ml_collections.ConfigDict(dict(  # 'synthetic_faces' only
+          num_identities=40, images_per_identity=20, image_size=112, num_pairs=200,
+          verification_identities=10)),
   ))
 
   c.model = ml_collections.ConfigDict(dict(
-      base='resnet18',           # 'resnet18' | 'resnet20_wide'
+      base='resnet18',           # 'resnet18' | 'resnet20_wide' | 'ir18' | 'ir34' | 'ir50' | 'ir100'
       granularity='conv',        # 'conv': ResNet-18-16 | 'block': ResNet-18-8
       width=1.0,                 # channel multiplier
       candidate_rule='paper',    # 'paper': no more parameters than the original | 'all'
       ops='',                    # comma-separated op names restricting the candidates
       dtype='float32',
   ))
+
+  # Faces ('ir<depth>' bases): the margin of the target logit, s * (cos(m1 theta + m2) - m3).
+  # ArcFace: (64, 1, 0.5, 0); CosFace: (64, 1, 0, 0.35). Unused by softmax (ResNet) heads.
+  c.margin = ml_collections.ConfigDict(dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0))
 
   # Shared-weight (child) training, used by pretraining and search alike.
   c.child = ml_collections.ConfigDict(dict(
@@ -81,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=128,
       optimizer=sgd_config(lr_max=0.1, lr_min=0.0, t0_epochs=200, t_mul=1, weight_decay=5e-4),
       baseline=True,             # also retrain the base network with the same recipe
+      # Faces: 'full' retrains on every identity of train.rec (the paper); 'proxy' on the
+      # search's proxy task.
+      data='full',
+      verify_every_epochs=0,     # faces: also verify during retraining (0: only at the end)
   ))
 
   # Skip pretrain/search/derive and retrain this architecture: '' (search),
@@ -89,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval_batch_size = 500
   c.log_every_steps = 50
+  # Run each training epoch (pretrain, search, retrain) as one jitted lax.scan over the
+  # epoch's batches put on the devices at once: no host round trip between steps, but
+  # progress is logged once per epoch and the epoch's images must fit in device memory.
+  c.scan_epoch = False
   return c
 
 
@@ -131,13 +156,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
                'search.controller.updates_per_epoch'):
     if field(config, name) < 0:
       raise ValueError(f'config.{name} must be >= 0, got {field(config, name)}')
-  if config.dataset.name not in ('cifar10', 'mnist5k', 'synthetic'):
-    raise ValueError(f"config.dataset.name must be 'cifar10', 'mnist5k' or 'synthetic', "
+  if config.dataset.name not in DATASETS:
+    raise ValueError(f'config.dataset.name must be one of {", ".join(DATASETS)}, '
                      f'got {config.dataset.name!r}')
+  faces = config.dataset.name in FACE_DATASETS
+  if faces != is_face_model(config):
+    raise ValueError(f'config.model.base={config.model.base!r} does not fit '
+                     f'config.dataset.name={config.dataset.name!r}: face datasets need an IR '
+                     'base (ir18, ir34, ir50, ir100) and IR bases need a face dataset')
+  if config.dataset.name == 'faces' and not config.dataset.data_dir:
+    raise ValueError("config.dataset.data_dir must name the insightface directory (train.rec, "
+                     "train.idx, property, *.bin) for dataset 'faces'")
+  if config.retrain.data not in ('full', 'proxy'):
+    raise ValueError(f"config.retrain.data must be 'full' or 'proxy', got {config.retrain.data!r}")
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
   for op in restricted_ops(config):
     ops.check_op_name(op)
+
+
+def is_face_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config.model.base`` is an LResNet-E-IR (``'ir<depth>'``)."""
+  return config.model.base.startswith('ir')
+
+
+def verification_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The ``.bin`` names of ``config.dataset.verification``."""
+  return tuple(n.strip() for n in config.dataset.verification.split(',') if n.strip())
 
 
 def restricted_ops(config: ml_collections.ConfigDict) -> tuple[str, ...]:

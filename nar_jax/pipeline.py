@@ -25,10 +25,12 @@ import ml_collections
 import numpy as np
 
 from nar_jax import config as config_lib
-from nar_jax import controller, counting, data, ops, report, train
+from nar_jax import controller, counting, data, margins, ops, report, train, verification
 from nar_jax.checkpoint import PhaseCheckpoints
+from nar_jax.data import faces, synthetic_faces
+from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet
-from nar_jax.space import SearchSpace, resnet_space
+from nar_jax.space import SearchSpace, ir_space, resnet_space
 
 _PHASE_KEYS = {'init': 0, 'pretrain': 1, 'search': 2, 'derive': 3, 'retrain_baseline': 4,
                'retrain_refined': 5, 'controller': 6}
@@ -114,13 +116,29 @@ class Experiment:
   def key(self, phase: str) -> jax.Array:
     return jax.random.fold_in(self.root_key, _PHASE_KEYS[phase])
 
-  def model(self, arch: tuple[int, ...] | None = None) -> ResNet:
-    return ResNet(self.space, self.splits.num_classes, arch=arch, dtype=self.dtype,
+  @property
+  def faces(self) -> bool:
+    return self.space.family == 'ir'
+
+  def model(self, arch: tuple[int, ...] | None = None,
+            num_classes: int | None = None) -> ResNet | IResNet:
+    """The supernet (``arch=None``) or the fixed network ``arch``, for ``num_classes``
+    classes (default: the search data's)."""
+    num_classes = num_classes or self.splits.num_classes
+    if self.faces:
+      m = self.config.margin
+      return IResNet(self.space, num_classes, arch=arch,
+                     margin=margins.Margin(m.scale, m.m1, m.m2, m.m3), dtype=self.dtype,
+                     bn_axis_name=train.DATA_AXIS)
+    return ResNet(self.space, num_classes, arch=arch, dtype=self.dtype,
                   bn_axis_name=train.DATA_AXIS)
 
   def counts(self, arch) -> ops.Counts:
+    """Parameters and MACs of ``arch``; face networks without their classifier (the
+    paper's and ArcFace's convention: the classifier is dropped after training)."""
     h, w, c = self.splits.image_shape
-    return counting.count_architecture(self.space, arch, (h, w), c, self.splits.num_classes)
+    num_classes = 0 if self.faces else self.splits.num_classes
+    return counting.count_architecture(self.space, arch, (h, w), c, num_classes)
 
   def result_path(self, phase: str) -> str:
     return os.path.join(self.workdir, 'results', f'{phase}.json')
@@ -147,8 +165,53 @@ def _write_json(path: str, obj: Any) -> None:
 
 def build_space(config: ml_collections.ConfigDict) -> SearchSpace:
   m = config.model
-  return resnet_space(m.base, m.granularity, m.width, m.candidate_rule,
-                      config_lib.restricted_ops(config) or None)
+  allowed = config_lib.restricted_ops(config) or None
+  if config_lib.is_face_model(config):
+    if not m.base[2:].isdigit():
+      raise ValueError(f"config.model.base={m.base!r}: IR bases are 'ir18', 'ir34', 'ir50' "
+                       "or 'ir100'")
+    return ir_space(int(m.base[2:]), m.width, m.candidate_rule,
+                    **({'allowed': allowed} if allowed else {}))
+  return resnet_space(m.base, m.granularity, m.width, m.candidate_rule, allowed)
+
+
+def face_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The insightface directory of a face run; synthetic faces are written on first use."""
+  ds = config.dataset
+  if ds.name == 'faces':
+    return ds.data_dir
+  directory = ds.data_dir or os.path.join(workdir, 'data')
+  if not os.path.exists(os.path.join(directory, 'property')):
+    s = ds.synthetic
+    synthetic_faces.write_synthetic_faces(
+        directory, num_identities=s.num_identities, images_per_identity=s.images_per_identity,
+        image_size=s.image_size, num_pairs=s.num_pairs,
+        verification_identities=s.verification_identities, seed=config.seed)
+  return directory
+
+
+def face_splits(config: ml_collections.ConfigDict, workdir: str, proxy: bool) -> data.Splits:
+  """The proxy task (``proxy=True``, for the search) or every identity (retraining).
+
+  The selection is stored as an index over ``train.rec`` in the workdir
+  (``proxy_index.npz`` / ``full_index.npz``), so a resumed run uses the same images.
+  """
+  p = config.dataset.proxy
+  name = 'proxy_index.npz' if proxy else 'full_index.npz'
+  return faces.load_face_splits(
+      face_directory(config, workdir), proxy=proxy, num_identities=p.num_identities,
+      images_per_identity=p.images_per_identity, valid_per_identity=p.valid_per_identity,
+      seed=config.seed, index_path=os.path.join(workdir, name))
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str) -> data.Splits:
+  """The search data: the dataset's train/valid/test, or a face proxy task."""
+  ds = config.dataset
+  if ds.name in config_lib.FACE_DATASETS:
+    return face_splits(config, workdir, proxy=True)
+  return data.load_splits(ds.name, data_dir=ds.data_dir or None,
+                          valid_size=None if ds.valid_size < 0 else ds.valid_size,
+                          seed=config.seed)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -161,9 +224,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   os.makedirs(workdir, exist_ok=True)
   log = Log(workdir)
   ds = config.dataset
-  splits = data.load_splits(ds.name, data_dir=ds.data_dir or None,
-                            valid_size=None if ds.valid_size < 0 else ds.valid_size,
-                            seed=config.seed)
+  splits = load_data(config, workdir)
   for name, split, batch in (('child.batch_size', splits.train, config.child.batch_size),
                              ('search.controller.valid_batch_size', splits.valid,
                               config.search.controller.valid_batch_size)):
@@ -194,8 +255,12 @@ def train_epoch(exp: Experiment, step_fn: Callable, state: train.TrainState, spl
 
   The returned ``step_s`` is the median wall time per step over the logging
   intervals (the first step, which includes compilation, is timed separately as
-  ``first_step_s``).
+  ``first_step_s``). With ``config.scan_epoch`` the epoch runs as one ``lax.scan``
+  (:func:`_scan_epoch`).
   """
+  if exp.config.get('scan_epoch', False):
+    return _scan_epoch(exp, step_fn, state, split, batch_size, epoch, key, sampler_params,
+                       progress)
   every = exp.config.log_every_steps
   total = data.num_batches(split, batch_size)
   pending, epoch_metrics, interval_times = [], [], []
@@ -222,6 +287,28 @@ def train_epoch(exp: Experiment, step_fn: Callable, state: train.TrainState, spl
   stats = {k: float(np.mean([m[k] for m in epoch_metrics])) for k in ('loss', 'accuracy')}
   stats['step_s'] = statistics.median(interval_times) if interval_times else first_step_s
   stats['first_step_s'] = first_step_s
+  return state, stats
+
+
+def _scan_epoch(exp: Experiment, step_fn: Callable, state: train.TrainState, split: data.Split,
+                batch_size: int, epoch: int, key: jax.Array, sampler_params: Any,
+                progress: Progress) -> tuple[train.TrainState, dict[str, float]]:
+  """:func:`train_epoch` as one :func:`train.scan_epoch` call: the same batches in the
+  same order, put on the devices at once. ``step_s`` is the epoch's wall time per
+  step; when the call compiled the scan, ``first_step_s`` is that whole call."""
+  images, labels = zip(*data.batches(split, batch_size, seed=exp.config.seed, epoch=epoch))
+  epoch_fn = train.scan_epoch(step_fn)
+  compiled_before = epoch_fn._cache_size()
+  tick = time.time()
+  state, metrics = epoch_fn(state, train.shard(exp.mesh, np.stack(images), 1),
+                            train.shard(exp.mesh, np.stack(labels), 1), key, sampler_params)
+  metrics = jax.device_get(metrics)
+  elapsed = time.time() - tick
+  stats = {k: float(np.mean(metrics[k])) for k in ('loss', 'accuracy')}
+  stats['step_s'] = elapsed / len(images)
+  stats['first_step_s'] = elapsed if epoch_fn._cache_size() > compiled_before else None
+  progress.update(len(images), f'epoch {epoch + 1}: {len(images)} steps in one scan | loss '
+                  f'{stats["loss"]:.4f} acc {stats["accuracy"]:.4f} | {stats["step_s"]:.3f} s/step')
   return state, stats
 
 
@@ -399,14 +486,46 @@ def run_derive(exp: Experiment, search: dict[str, Any]) -> dict[str, Any]:
           'baseline': {'arch': exp.space.names(baseline), 'valid_acc': baseline_scores['accuracy']}}
 
 
+def retrain_splits(exp: Experiment) -> data.Splits:
+  """What retraining learns from: the search data, or for faces with
+  ``retrain.data='full'`` every identity of ``train.rec`` (the paper)."""
+  if exp.faces and exp.config.retrain.data == 'full':
+    return face_splits(exp.config, exp.workdir, proxy=False)
+  return exp.splits
+
+
+def verify(exp: Experiment, model: IResNet, variables: Any) -> dict[str, dict[str, float]]:
+  """insightface's verification of a face network on every ``.bin`` of the config.
+
+  Returns ``{name: {'accuracy', 'accuracy_std', 'tar', 'tar_std', 'far'}}``.
+  """
+  names = config_lib.verification_names(exp.config)
+  if not names:
+    return {}
+  embed = train.make_embed_step(model, exp.mesh, mean=exp.splits.mean, std=exp.splits.std)
+  batch = exp.config.eval_batch_size
+  directory = face_directory(exp.config, exp.workdir)
+  results = {}
+  for name in names:
+    pairs = faces.load_verification_set(os.path.join(directory, f'{name}.bin'),
+                                        exp.splits.image_shape)
+    r = verification.verify(lambda x: embed(variables, train.shard(exp.mesh, x)), pairs.images,
+                            pairs.issame, batch_size=batch)
+    results[name] = {'accuracy': r.accuracy_mean, 'accuracy_std': r.accuracy_std,
+                     'tar': r.tar, 'tar_std': r.tar_std, 'far': r.far}
+  return results
+
+
 def run_retrain(exp: Experiment, name: str, arch: tuple[int, ...]) -> dict[str, Any]:
-  """Trains the fixed network ``arch`` from scratch on train+valid; tests it on test."""
+  """Trains the fixed network ``arch`` from scratch on train+valid; tests it on test
+  (and, for faces, verifies it on the config's ``.bin`` pair sets)."""
   phase = f'retrain_{name}'
   cfg = exp.config.retrain
-  split = data.merge(exp.splits.train, exp.splits.valid)
+  splits = retrain_splits(exp)
+  split = data.merge(splits.train, splits.valid)
   per_epoch = data.num_batches(split, cfg.batch_size)
   tx = train.child_optimizer(cfg.optimizer, per_epoch)
-  model = exp.model(arch)
+  model = exp.model(arch, splits.num_classes)
   state = train.replicate(exp.mesh, train.create_train_state(
       exp.key(phase), model, exp.splits.image_shape, tx, None))
   ckpt = PhaseCheckpoints(exp.workdir, phase)
@@ -422,16 +541,31 @@ def run_retrain(exp: Experiment, name: str, arch: tuple[int, ...]) -> dict[str, 
                                None, progress)
     exp.log.record(phase=phase, epoch=epoch + 1, train_loss=stats['loss'],
                    train_acc=stats['accuracy'], step_s=stats['step_s'])
+    every = cfg.verify_every_epochs
+    if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs:
+      _log_verification(exp, phase, verify(exp, model, state.variables), epoch + 1)
     meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']]}
     ckpt.save(epoch + 1, state, meta)
   ckpt.close()
-  eval_fn = train.make_eval_step(model, exp.mesh, mean=exp.splits.mean, std=exp.splits.std)
-  test = evaluate(exp, eval_fn, state.variables, exp.splits.test)
-  exp.log.info(f'[{phase}] test acc {test["accuracy"]:.4f} loss {test["loss"]:.4f}')
-  exp.log.record(phase=phase, test_acc=test['accuracy'], test_loss=test['loss'])
-  return {'arch': exp.space.names(arch), 'test_acc': test['accuracy'], 'test_loss': test['loss'],
-          'final_train_acc': stats.get('accuracy'),
-          'step_s': _median(meta['step_times'])}
+  result = {'arch': exp.space.names(arch), 'test_acc': None, 'test_loss': None,
+            'final_train_acc': stats.get('accuracy'), 'step_s': _median(meta['step_times'])}
+  if len(splits.test):
+    eval_fn = train.make_eval_step(model, exp.mesh, mean=splits.mean, std=splits.std)
+    test = evaluate(exp, eval_fn, state.variables, splits.test)
+    exp.log.info(f'[{phase}] test acc {test["accuracy"]:.4f} loss {test["loss"]:.4f}')
+    exp.log.record(phase=phase, test_acc=test['accuracy'], test_loss=test['loss'])
+    result.update(test_acc=test['accuracy'], test_loss=test['loss'])
+  if exp.faces:
+    result['verification'] = verify(exp, model, state.variables)
+    _log_verification(exp, phase, result['verification'], cfg.epochs)
+  return result
+
+
+def _log_verification(exp: Experiment, phase: str, results: dict, epoch: int) -> None:
+  for name, r in results.items():
+    exp.log.info(f'[{phase}] epoch {epoch} {name}: accuracy {r["accuracy"]:.4f} '
+                 f'+- {r["accuracy_std"]:.4f}, TAR {r["tar"]:.4f} @ FAR {r["far"]:.2e}')
+    exp.log.record(phase=phase, epoch=epoch, verification=name, **r)
 
 
 # ---------------------------------------------------------------------------------------

@@ -219,10 +219,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
   ``metrics`` holds ``loss``, ``accuracy`` and the sampled ``arch``.
   """
 
-  def device_step(state: TrainState, images, labels, op_indices):
+  def device_step(state: TrainState, images, labels, op_indices, dropout_key):
+    # Each device drops out different units of its own examples.
+    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+
     def loss_fn(params):
+      # ``labels``: a margin head (faces) adds its margin to each target logit.
       logits, updated = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                    images, op_indices, train=True, mutable=['batch_stats'])
+                                    images, op_indices, train=True, labels=labels,
+                                    rngs={'dropout': dropout_key}, mutable=['batch_stats'])
       # The global-batch mean: its gradient w.r.t. the replicated parameters is the
       # global gradient (the implicit replicated->varying casts sum over devices).
       loss = jax.lax.pmean(
@@ -243,22 +248,50 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     }
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
-  sharded = jax.shard_map(device_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P()),
+  sharded = jax.shard_map(device_step, mesh=mesh,
+                          in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
                           out_specs=(P(), P()))
 
   @jax.jit
   def step(state: TrainState, images, labels, key, sampler_params):
     key = jax.random.fold_in(key, state.step)
     augment_key, arch_key = jax.random.split(key)
+    dropout_key = jax.random.fold_in(key, 2)
     x = normalize(images, mean, std)
     x = augment(augment_key, x, crop_padding=crop_padding, flip=flip)
     op_indices = None if sample_arch is None else sample_arch(arch_key, sampler_params)
-    state, metrics = sharded(state, x, labels, op_indices)
+    state, metrics = sharded(state, x, labels, op_indices, dropout_key)
     if op_indices is not None:
       metrics['arch'] = op_indices
     return state, metrics
 
   return step
+
+
+@functools.cache
+def scan_epoch(step_fn: Callable) -> Callable:
+  """Runs many steps of ``step_fn`` (from :func:`make_train_step`) as one ``lax.scan``.
+
+  Returns jitted ``epoch(state, images (S, B, H, W, C), labels (S, B), key,
+  sampler_params) -> (state, metrics)``: step ``i`` trains on ``images[i]``,
+  ``labels[i]`` (device-resident uint8 / int32, batch axis sharded over ``data``),
+  with exactly the keys, augmentation and sampled architectures of ``S`` calls of
+  ``step_fn``; ``metrics`` leaves are stacked along a leading ``S`` axis. One
+  compiled program per ``(step_fn, S)``: there is no host round trip between steps.
+  """
+
+  @jax.jit
+  def epoch(state: TrainState, images, labels, key, sampler_params):
+    if images.shape[:2] != labels.shape:
+      raise ValueError(f'images {images.shape} and labels {labels.shape} must share the '
+                       f'leading (steps, batch) axes')
+
+    def body(state, batch):
+      return step_fn(state, batch[0], batch[1], key, sampler_params)
+
+    return jax.lax.scan(body, state, (images, labels))
+
+  return epoch
 
 
 def predict(model: nn.Module, variables: Any, images: jax.Array, op_indices: jax.Array | None,
@@ -296,6 +329,20 @@ def make_eval_step(model: nn.Module, mesh: Mesh, *, mean, std, batch_statistics:
   return jax.jit(jax.shard_map(
       device_eval, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P()),
       out_specs=P()))
+
+
+def make_embed_step(model: nn.Module, mesh: Mesh, *, mean, std):
+  """Builds ``embed(variables, images) -> (B, D)`` for a fixed face network.
+
+  ``images`` are uint8 ``(B, H, W, C)`` sharded over ``data``; the embeddings come
+  back sharded the same way (BatchNorm with running averages, no dropout).
+  """
+
+  def device_embed(variables, images):
+    return model.apply(variables, normalize(images, mean, std), train=False, method='embed')
+
+  return jax.jit(jax.shard_map(device_embed, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
+                               out_specs=P(DATA_AXIS)))
 
 
 def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,

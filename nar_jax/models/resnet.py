@@ -95,12 +95,15 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, op_indices: jax.Array | None = None, *,
-               train: bool) -> jax.Array:
+               train: bool, labels: jax.Array | None = None) -> jax.Array:
     """Logits ``(B, num_classes)`` for ``images (B, H, W, C)`` (normalised floats).
 
     ``op_indices`` is the architecture ``(num_nodes,)`` int32 for the supernet and
-    must be ``None`` for a fixed network.
+    must be ``None`` for a fixed network. ``labels`` is accepted so that every
+    model of the project has one signature (a margin head uses it); softmax logits
+    do not depend on it.
     """
+    del labels
     if self.space.family != 'resnet':
       raise ValueError(f'ResNet needs a basic-block search space; {self.space.name!r} has family '
                        f'{self.space.family!r} (use nar_jax.models.iresnet.IResNet for IR spaces)')
