@@ -8,6 +8,10 @@ node does not allow are masked out of its softmax, so they are never sampled.
 
 Everything is a pure function of ``(params, key, mask)`` and runs as one
 ``lax.scan`` over nodes, so sampling can live inside jitted training steps.
+
+The joint controller (``init_joint`` / ``sample_joint`` / ``log_prob_joint`` /
+``most_likely_joint``) also samples ENAS's skip connections after each operator,
+for the NAS-Arch baseline over :mod:`nar_jax.joint`'s macro space.
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ The paper shows the same gradient is that of a reward-weighted cross entropy
 reward by sampling frequency. :func:`reward_weighted_cross_entropy` and
 :func:`assigned_operator_rewards` compute those quantities so they can be tested
 against the estimator and logged as diagnostics.
+
+For the joint (operator + skip) search the loss adds ENAS's KL skip penalty
+(:func:`joint_loss`), eq. 7's skip rewards are :func:`assigned_skip_rewards`, and
+:func:`joint_update_diagnostics` gives everything the paper's Figure 1 and the plots
+(:mod:`nar_jax.plots`) read for one update, :func:`operator_update_diagnostics` the
+same for an operator-only search.
 """
 
 from __future__ import annotations

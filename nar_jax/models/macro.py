@@ -144,12 +144,14 @@ class MacroNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, arch: jax.Array | None = None, *,
-               train: bool) -> jax.Array:
+               train: bool, labels: jax.Array | None = None) -> jax.Array:
     """Logits ``(B, num_classes)`` for ``images (B, H, W, C)``.
 
     ``arch`` is the flat joint architecture ``(L (L + 1) / 2,)`` int32 for the
-    supernet (may be traced) and must be ``None`` for a fixed network.
+    supernet (may be traced) and must be ``None`` for a fixed network. ``labels`` is
+    accepted for the project's common model signature (softmax logits ignore it).
     """
+    del labels
     if (self.arch is None) == (arch is None):
       raise ValueError('pass the architecture to the supernet (arch=None) and only to it')
     sp = self.space
