@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
       # Score architectures (controller rewards, derive) with each batch's own BN
       # statistics rather than the shared running averages; see train.predict.
       batch_statistics=True,
+      # Controller reward: 'accuracy' on validation minibatches, or (faces) 'verification':
+      # the 10-fold verification accuracy of valid_batch_size / 2 pairs drawn from the
+      # held-out pair set reward_pairs (a .bin name in dataset.data_dir).
+      reward='accuracy',
+      reward_pairs='',
       controller=ml_collections.ConfigDict(dict(
           hidden=64, init_range=0.1, tanh_constant=1.5, entropy_weight=1e-4,
           baseline_decay=0.99, lr=1e-3, beta1=0.0, eps=1e-3,
@@ -167,6 +172,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.dataset.name == 'faces' and not config.dataset.data_dir:
     raise ValueError("config.dataset.data_dir must name the insightface directory (train.rec, "
                      "train.idx, property, *.bin) for dataset 'faces'")
+  if config.search.reward not in ('accuracy', 'verification'):
+    raise ValueError(f"config.search.reward must be 'accuracy' or 'verification', "
+                     f'got {config.search.reward!r}')
+  if config.search.reward == 'verification':
+    if not faces or not config.search.reward_pairs:
+      raise ValueError("config.search.reward='verification' needs a face dataset and "
+                       'config.search.reward_pairs naming a held-out .bin pair set')
+    if config.search.controller.valid_batch_size % 2:
+      raise ValueError('config.search.controller.valid_batch_size must be even (image pairs) '
+                       "with config.search.reward='verification'")
   if config.retrain.data not in ('full', 'proxy'):
     raise ValueError(f"config.retrain.data must be 'full' or 'proxy', got {config.retrain.data!r}")
   if config.model.dtype not in ('float32', 'bfloat16'):

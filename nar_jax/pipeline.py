@@ -392,14 +392,31 @@ def run_pretrain(exp: Experiment) -> train.TrainState:
   return state
 
 
-def _controller_batches(exp: Experiment, epoch: int, update: int) -> tuple[np.ndarray, np.ndarray]:
-  """``(M, B, H, W, C)`` images and ``(M, B)`` labels: one validation minibatch per architecture."""
+def _reward_data(exp: Experiment) -> tuple[Any, np.ndarray]:
+  """What controller rewards are measured on: ``(images, targets)`` with one target
+  per image (the validation split), or per pair (a face pair set, images ``2i, 2i+1``)."""
+  if exp.config.search.reward == 'accuracy':
+    return exp.splits.valid.images, exp.splits.valid.labels
+  name = exp.config.search.reward_pairs
+  pairs = faces.load_verification_set(
+      os.path.join(face_directory(exp.config, exp.workdir), f'{name}.bin'),
+      exp.splits.image_shape)
+  return pairs.images, pairs.issame
+
+
+def _controller_batches(exp: Experiment, reward_data: tuple[Any, np.ndarray], epoch: int,
+                        update: int) -> tuple[np.ndarray, np.ndarray]:
+  """One minibatch per architecture: ``(M, B, H, W, C)`` images and ``(M, B)`` labels, or
+  for verification rewards ``B / 2`` pairs per architecture and ``(M, B / 2)`` issame."""
   c = exp.config.search.controller
   rng = np.random.default_rng([exp.config.seed, epoch, update])
-  valid = exp.splits.valid
-  index = np.stack([rng.choice(len(valid), c.valid_batch_size, replace=False)
+  images, targets = reward_data
+  per_target = 1 if exp.config.search.reward == 'accuracy' else 2
+  index = np.stack([rng.choice(len(targets), c.valid_batch_size // per_target, replace=False)
                     for _ in range(c.num_aggregate)])
-  return valid.images[index], valid.labels[index]
+  image_index = index if per_target == 1 else np.stack([2 * index, 2 * index + 1], -1).reshape(
+      len(index), -1)
+  return images[image_index], targets[index]
 
 
 def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
@@ -424,7 +441,9 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
     update_fn = train.make_controller_update(
         exp.model(), ctrl_tx, exp.mesh, mask=exp.mask, mean=exp.splits.mean, std=exp.splits.std,
         tanh_constant=c.tanh_constant, entropy_weight=c.entropy_weight,
-        baseline_decay=c.baseline_decay, batch_statistics=exp.config.search.batch_statistics)
+        baseline_decay=c.baseline_decay, batch_statistics=exp.config.search.batch_statistics,
+        reward=exp.config.search.reward)
+    reward_data = _reward_data(exp)
     batch = exp.config.child.batch_size
     per_epoch = data.num_batches(exp.splits.train, batch)
     progress = Progress(exp.log, 'search', epochs * per_epoch, done * per_epoch)
@@ -437,9 +456,11 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
       tick, update_metrics = time.time(), []
       epoch_key = jax.random.fold_in(exp.key('controller'), epoch)
       for u in range(c.updates_per_epoch):
-        images, labels = _controller_batches(exp, epoch, u)
-        ctrl, m = update_fn(ctrl, child.variables, train.shard(exp.mesh, images, 1),
-                            train.shard(exp.mesh, labels, 1), jax.random.fold_in(epoch_key, u))
+        images, targets = _controller_batches(exp, reward_data, epoch, u)
+        targets = (train.shard(exp.mesh, targets, 1) if exp.config.search.reward == 'accuracy'
+                   else train.replicate(exp.mesh, targets))
+        ctrl, m = update_fn(ctrl, child.variables, train.shard(exp.mesh, images, 1), targets,
+                            jax.random.fold_in(epoch_key, u))
         update_metrics.append(m)
       for u, m in enumerate(jax.device_get(update_metrics)):
         exp.log.record(phase='controller', epoch=epoch + 1, update=u + 1, **m)

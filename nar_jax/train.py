@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nar_jax import controller, reinforce
+from nar_jax import controller, reinforce, verification
 from nar_jax.data.augment import augment, normalize
 from nar_jax.models.resnet import branch_mask
 
@@ -295,8 +295,9 @@ def scan_epoch(step_fn: Callable) -> Callable:
 
 
 def predict(model: nn.Module, variables: Any, images: jax.Array, op_indices: jax.Array | None,
-            batch_statistics: bool) -> jax.Array:
-  """Logits of an evaluation pass (no parameter or statistics update).
+            batch_statistics: bool, embed: bool = False) -> jax.Array:
+  """Logits (or, with ``embed``, a face model's embeddings) of an evaluation pass
+  (no parameter or statistics update).
 
   ``batch_statistics=False`` normalises with BatchNorm's running averages, as a
   trained network is used. ``True`` normalises with the statistics of the batch
@@ -304,9 +305,11 @@ def predict(model: nn.Module, variables: Any, images: jax.Array, op_indices: jax
   scored: a branch's running averages mix inputs from every architecture sampled
   upstream of it, and scoring with them puts most architectures near chance.
   """
+  method = {'method': 'embed'} if embed else {}
   if not batch_statistics:
-    return model.apply(variables, images, op_indices, train=False)
-  logits, _ = model.apply(variables, images, op_indices, train=True, mutable=['batch_stats'])
+    return model.apply(variables, images, op_indices, train=False, **method)
+  logits, _ = model.apply(variables, images, op_indices, train=True, mutable=['batch_stats'],
+                          **method)
   return logits
 
 
@@ -345,20 +348,8 @@ def make_embed_step(model: nn.Module, mesh: Mesh, *, mean, std):
                                out_specs=P(DATA_AXIS)))
 
 
-def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                           mask: np.ndarray, mean, std, tanh_constant: float,
-                           entropy_weight: float, baseline_decay: float,
-                           batch_statistics: bool = True):
-  """Builds one jitted controller update (ENAS, DESIGN.md section 4).
-
-  ``update(ctrl_state, child_variables, images (M, B, H, W, C), labels (M, B), key)``
-  samples ``M`` architectures, rewards each with its accuracy on its own validation
-  minibatch (no augmentation; BatchNorm as :func:`predict` with
-  ``batch_statistics``) plus ``entropy_weight`` times
-  its sampled entropy, updates the EMA baseline sample by sample, and takes one
-  Adam step on the averaged REINFORCE loss. Returns ``(ctrl_state, metrics)``.
-  """
-  mask = jnp.asarray(mask)
+def _accuracy_reward(model, mesh, mean, std, batch_statistics):
+  """``(variables, archs (M, N), images (M, B, ...), labels (M, B)) -> (M,)`` accuracies."""
 
   def device_accuracy(variables, archs, images, labels):
     def one(args):
@@ -369,9 +360,57 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
     correct = jax.lax.psum(jax.lax.map(one, (archs, images, labels)), DATA_AXIS)
     return correct / jax.lax.psum(labels.shape[1], DATA_AXIS)
 
-  accuracy_fn = jax.shard_map(
-      device_accuracy, mesh=mesh,
-      in_specs=(P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)), out_specs=P())
+  return jax.shard_map(device_accuracy, mesh=mesh,
+                       in_specs=(P(), P(), P(None, DATA_AXIS), P(None, DATA_AXIS)),
+                       out_specs=P())
+
+
+def _verification_reward(model, mesh, mean, std, batch_statistics):
+  """``(variables, archs (M, N), images (M, 2P, ...), issame (M, P)) -> (M,)``: each
+  architecture's 10-fold verification accuracy on its own pairs (flip-sum,
+  L2-normalised embeddings, :func:`nar_jax.verification.fold_accuracy`)."""
+
+  def device_verification(variables, archs, images, issame):
+    def one(args):
+      arch, x, same = args
+      x = normalize(x, mean, std)
+      e = sum(predict(model, variables, v, arch, batch_statistics, embed=True)
+              for v in (x, x[:, :, ::-1]))
+      e = jax.lax.all_gather(e, DATA_AXIS, tiled=True)  # (2P, D): every pair, every device
+      e = e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-12)
+      return verification.fold_accuracy(jnp.sum(jnp.square(e[0::2] - e[1::2]), -1), same)
+
+    return jax.lax.map(one, (archs, images, issame))
+
+  # Every device computes the same rewards from the gathered embeddings; the
+  # replication checker cannot see through all_gather, hence check_vma=False.
+  return jax.shard_map(device_verification, mesh=mesh,
+                       in_specs=(P(), P(), P(None, DATA_AXIS), P()), out_specs=P(),
+                       check_vma=False)
+
+
+def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
+                           mask: np.ndarray, mean, std, tanh_constant: float,
+                           entropy_weight: float, baseline_decay: float,
+                           batch_statistics: bool = True, reward: str = 'accuracy'):
+  """Builds one jitted controller update (ENAS, DESIGN.md section 4).
+
+  ``update(ctrl_state, child_variables, images (M, B, H, W, C), targets, key)``
+  samples ``M`` architectures, rewards each on its own validation minibatch (no
+  augmentation; BatchNorm as :func:`predict` with ``batch_statistics``) plus
+  ``entropy_weight`` times its sampled entropy, updates the EMA baseline sample by
+  sample, and takes one Adam step on the averaged REINFORCE loss. Returns
+  ``(ctrl_state, metrics)``.
+
+  ``reward='accuracy'``: classification accuracy; ``targets`` = labels ``(M, B)``.
+  ``reward='verification'`` (faces): the ``B`` images are ``B / 2`` pairs (``2i``,
+  ``2i + 1``), ``targets`` = issame ``(M, B / 2)``, the reward their verification accuracy.
+  """
+  mask = jnp.asarray(mask)
+  if reward not in ('accuracy', 'verification'):
+    raise ValueError(f"unknown reward {reward!r}; use 'accuracy' or 'verification'")
+  make_reward = _accuracy_reward if reward == 'accuracy' else _verification_reward
+  accuracy_fn = make_reward(model, mesh, mean, std, batch_statistics)
 
   @jax.jit
   def update(state: ControllerState, child_variables, images, labels, key):

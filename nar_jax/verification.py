@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nar_jax.data import faces
@@ -196,6 +198,28 @@ def evaluate(embeddings: np.ndarray, issame: Any, *, num_folds: int = NUM_FOLDS,
       fold_accuracies=fold_acc, thresholds=ACCURACY_THRESHOLDS[best],
       tar=float(np.mean(tars)), tar_std=float(np.std(tars)), far=float(np.mean(fars)),
       tpr=tpr, fpr=fpr)
+
+
+def fold_accuracy(dist: jax.Array, issame: jax.Array, num_folds: int = NUM_FOLDS) -> jax.Array:
+  """`evaluate`'s accuracy (mean over folds) as a jittable function: a search reward.
+
+  Args:
+    dist: float (P,) squared distances of the pairs.
+    issame: bool (P,).
+    num_folds: contiguous folds, cut as `fold_bounds` cuts them (P is static).
+
+  Returns:
+    Scalar: the mean over folds of the held-out accuracy at the threshold (of
+    `ACCURACY_THRESHOLDS`, strict ``<``, first maximum) best on the other folds.
+  """
+  bounds = fold_bounds(dist.shape[0], num_folds)
+  fold_of = np.repeat(np.arange(num_folds), np.diff(bounds))
+  predicted_same = dist[:, None] < jnp.asarray(ACCURACY_THRESHOLDS, dist.dtype)[None]
+  correct = (predicted_same == issame[:, None]).astype(jnp.int32)        # (P, T)
+  per_fold = jax.ops.segment_sum(correct, jnp.asarray(fold_of), num_folds)  # (F, T)
+  best = jnp.argmax(per_fold.sum(0)[None] - per_fold, axis=1)            # first maximum
+  held_out = per_fold[jnp.arange(num_folds), best] / jnp.asarray(np.diff(bounds))
+  return jnp.mean(held_out)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

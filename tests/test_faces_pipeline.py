@@ -1,0 +1,180 @@
+"""The face pipeline end to end, offline: synthetic faces in genuine insightface files.
+
+``configs/face_lresnet50e_ir.py:smoke`` writes synthetic identities as real
+``train.rec``/``train.idx``/``property`` and a ``.bin`` of pairs from identities that
+are never trained on, searches a tiny IR-18 on the proxy task, retrains the refined
+and the baseline network on every identity with ArcFace's margin, and verifies both
+with insightface's protocol. JAX's persistent compilation cache (a temporary
+directory) lets the later runs reuse the first run's executables.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from nar_jax import config as config_lib
+from nar_jax import controller, ops, pipeline, space, train, verification
+from nar_jax.models.iresnet import IResNet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def face_config(variant=None):
+  """``configs/face_lresnet50e_ir.py:<variant>``, loaded as the command line loads it."""
+  path = os.path.join(REPO, 'configs', 'face_lresnet50e_ir.py')
+  spec = importlib.util.spec_from_file_location('face_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def smoke_config(**overrides):
+  c = face_config('smoke')
+  for name, value in overrides.items():
+    *parents, leaf = name.split('.')
+    section = config_lib.field(c, '.'.join(parents)) if parents else c
+    section[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', None)
+  compilation_cache.reset_cache()
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def smoke_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('smoke')
+  return workdir, pipeline.run(smoke_config(), str(workdir))
+
+
+def test_smoke_pipeline_reports_verification_of_both_networks(smoke_run):
+  workdir, result = smoke_run
+  for name in ('baseline', 'refined'):
+    figures = result[name]['verification']['synthetic']
+    assert 0.0 <= figures['accuracy'] <= 1.0 and figures['accuracy_std'] >= 0.0
+    assert 0.0 <= figures['tar'] <= 1.0
+    assert result[name]['test_acc'] is None  # Faces are tested by verification only.
+  with open(os.path.join(workdir, 'report.md')) as f:
+    markdown = f.read()
+  assert '## Verification (retrained)' in markdown
+  baseline = result['baseline']['verification']['synthetic']['accuracy']
+  assert f'| synthetic | {baseline:.4f}' in markdown
+
+
+def test_smoke_pipeline_counts_ir_networks_without_the_classifier(smoke_run):
+  workdir, result = smoke_run
+  config = smoke_config()
+  s = pipeline.build_space(config)
+  size = config.dataset.synthetic.image_size
+  for name in ('baseline', 'refined'):
+    counts = pipeline.counting.count_architecture(s, result[name]['arch'], (size, size), 3, 0)
+    assert (result[name]['params'], result[name]['macs']) == (counts.params, counts.macs)
+
+
+def test_smoke_pipeline_stores_the_proxy_task_as_an_index(smoke_run):
+  workdir, _ = smoke_run
+  proxy = np.load(os.path.join(workdir, 'proxy_index.npz'))
+  p = smoke_config().dataset.proxy
+  assert len(proxy['identities']) == p.num_identities
+  assert len(proxy['train_keys']) == p.num_identities * (p.images_per_identity -
+                                                         p.valid_per_identity)
+  assert len(proxy['valid_keys']) == p.num_identities * p.valid_per_identity
+  assert not set(proxy['train_keys']) & set(proxy['valid_keys'])
+  full = np.load(os.path.join(workdir, 'full_index.npz'))  # retraining: every identity
+  assert len(full['identities']) == smoke_config().dataset.synthetic.num_identities
+
+
+def test_smoke_rerun_skips_finished_phases(smoke_run, capsys):
+  workdir, result = smoke_run
+  again = pipeline.run(smoke_config(), str(workdir))
+  out = capsys.readouterr().out
+  for phase in ('derive', 'retrain_refined', 'retrain_baseline'):
+    assert f'[{phase}] already done' in out
+  assert again['refined']['verification'] == result['refined']['verification']
+
+
+def test_arcface_generalises_to_identities_never_trained_on(tmp_path):
+  """Open-set verification: 40 training identities, pairs from 10 unseen identities."""
+  config = smoke_config(**{
+      'arch': 'baseline', 'retrain.baseline': False, 'model.width': 0.125,
+      'retrain.epochs': 8, 'retrain.optimizer.decay_epochs': '6',
+      'dataset.synthetic.num_identities': 40})
+  result = pipeline.run(config, str(tmp_path))
+  accuracy = result['refined']['verification']['synthetic']['accuracy']
+  assert accuracy >= 0.8, accuracy
+
+
+def test_verification_reward_equals_the_protocol_on_each_architecture():
+  """The controller's verification reward = insightface's 10-fold accuracy (numpy)."""
+  s = space.ir_space(18, width=0.0625)
+  model = IResNet(s, num_classes=5, bn_axis_name=train.DATA_AXIS)
+  variables = jax.jit(lambda k, x: model.init(k, x, jnp.asarray(s.baseline()), train=False))(
+      jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  mesh = train.make_mesh(2)
+  reward_fn = train._verification_reward(model, mesh, (0.5,) * 3, (0.5,) * 3, True)
+  rng = np.random.default_rng(0)
+  num_pairs = 20
+  issame = np.tile([True, False], num_pairs // 2)  # every fold holds both kinds
+  templates = rng.integers(0, 256, (num_pairs, 16, 16, 3))
+  noise = lambda: rng.integers(-40, 40, templates.shape)
+  other = rng.integers(0, 256, templates.shape)
+  second = np.where(issame[:, None, None, None], templates + noise(), other)
+  pairs = np.stack([templates, second], 1).reshape(-1, 16, 16, 3).clip(0, 255).astype(np.uint8)
+  archs = np.stack([controller.uniform_sample(k, jnp.asarray(s.candidate_mask()))
+                    for k in jax.random.split(jax.random.PRNGKey(1), 2)])
+  rewards = reward_fn(variables, jnp.asarray(archs),
+                      train.shard(mesh, np.stack([pairs, pairs]), 1),
+                      train.replicate(mesh, np.stack([issame, issame])))
+  chex.assert_shape(rewards, (2,))
+  single_device = IResNet(s, num_classes=5)  # BatchNorm over the whole (unsharded) batch
+  for arch, reward in zip(archs, np.asarray(rewards)):
+    def embed(x, arch=arch):
+      x = (x.astype(np.float32) / 255 - 0.5) / 0.5
+      return train.predict(single_device, variables, jnp.asarray(x), jnp.asarray(arch), True,
+                           embed=True)
+    expected = verification.verify(embed, pairs, issame, batch_size=len(pairs))
+    np.testing.assert_allclose(reward, expected.accuracy_mean, atol=1e-6)
+
+
+def test_face_config_errors_are_clear(tmp_path):
+  with pytest.raises(ValueError, match='reward_pairs'):
+    config_lib.validate(smoke_config(**{'search.reward': 'verification'}))
+  with pytest.raises(ValueError, match='IR base'):
+    config_lib.validate(smoke_config(**{'dataset.name': 'mnist5k'}))
+  with pytest.raises(ValueError, match='data_dir'):
+    config_lib.validate(smoke_config(**{'dataset.name': 'faces'}))
+  with pytest.raises(ValueError, match="'ir18', 'ir34'"):
+    pipeline.build_space(smoke_config(**{'model.base': 'irx'}))
+
+
+def test_face_variants_build_and_validate():
+  for variant in (None, 'proxy', 'pretrain', 'smoke'):
+    c = face_config(variant)
+    if c.dataset.name == 'faces':
+      c.dataset.data_dir = '/data/faces_emore'
+    config_lib.validate(c)
+  assert pipeline.build_space(c).num_nodes == 16  # smoke: IR-18
+  full = face_config()
+  assert pipeline.build_space(full).num_nodes == 48
+  with pytest.raises(ValueError, match='unknown variant'):
+    face_config('nope')
