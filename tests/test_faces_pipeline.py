@@ -22,7 +22,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from nar_jax import config as config_lib
-from nar_jax import controller, ops, pipeline, space, train, verification
+from nar_jax import controller, pipeline, space, train, verification
 from nar_jax.models.iresnet import IResNet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,39 +18,14 @@ from nar_jax import controller, margins, ops, space
 from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet, branch_mask, select_branches
 
+from model_testing import random_variables, assert_gradients_follow_mask
+
 NUM_CLASSES = 5
 EMBEDDING = 16
 IMAGE_SHAPE = (4, 16, 16, 3)
 NUM_ARCHS = 3
 TOL = dict(atol=1e-4, rtol=1e-4)
 LOGIT_TOL = dict(atol=2e-3, rtol=1e-4)  # logits carry the scale s = 64
-
-
-def _random_variables(shapes, seed: int, small_var=()):
-  """Random values: He-scaled kernels, BN scale/var in [0.5, 1.5], PReLU slopes in [0.1, 0.5].
-
-  BN variances whose path contains one of ``small_var`` are drawn in [1e-5, 3e-5], where
-  the BatchNorm epsilon visibly matters.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    where = jax.tree_util.keystr(path)
-    if name == 'var' and any(s in where for s in small_var):
-      value = rng.uniform(1e-5, 3e-5, leaf.shape)
-    elif name in ('scale', 'var'):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'negative_slope':
-      value = rng.uniform(0.1, 0.5, leaf.shape)
-    elif name in ('kernel', 'weight'):
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)
-    else:  # BN bias and mean, Dense bias
-      value = 0.2 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _init_shapes(net, images, *op_indices):
@@ -93,7 +68,7 @@ def setup() -> Setup:
   images = _images(0)
   labels = jnp.arange(IMAGE_SHAPE[0]) % NUM_CLASSES
   shapes = _init_shapes(net, images, jnp.asarray(sp.baseline(), jnp.int32))
-  variables = _random_variables(shapes, seed=1)
+  variables = random_variables(shapes, seed=1)
   chex.clear_trace_counter()
 
   @chex.assert_max_traces(n=1)
@@ -209,7 +184,7 @@ def tiny():
     sp = space.ir_space(2, width=0.0625, embedding_size=8)
   net = IResNet(sp, 3, arch=sp.baseline(), margin=margins.Margin.cosface(30.0))
   images = _images(4, (4, 8, 8, 3))
-  return net, _random_variables(_init_shapes(net, images), seed=5), images
+  return net, random_variables(_init_shapes(net, images), seed=5), images
 
 
 def test_labels_put_the_margin_on_the_target_logit(tiny):
@@ -316,7 +291,7 @@ def test_fixed_baseline_equals_hand_written_forward(monkeypatch):
   assert [n.stride for n in sp.nodes] == [1, 2, 1, 1, 1, 2]
   net = IResNet(sp, NUM_CLASSES, arch=sp.baseline())
   images = _images(5, (2, 8, 8, 3))
-  variables = _random_variables(_init_shapes(net, images), seed=6,
+  variables = random_variables(_init_shapes(net, images), seed=6,
                                 small_var=('stem_bn', "['node01']", 'embedding_bn'))
   got = jax.jit(lambda v, x: net.apply(v, x, train=False, method='embed'))(variables, images)
   chex.assert_shape(got, (2, EMBEDDING))
@@ -338,7 +313,7 @@ def test_margin_loss_gradients_supernet_equal_fixed(monkeypatch):
   images = _images(8, (4, 8, 8, 3))
   labels = jnp.asarray([0, 1, 2, 1])
   net = IResNet(sp, 3)
-  variables = _random_variables(_init_shapes(net, images, jnp.asarray(sp.baseline())), seed=9)
+  variables = random_variables(_init_shapes(net, images, jnp.asarray(sp.baseline())), seed=9)
 
   def loss(model, params, *op_indices):
     logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
@@ -355,11 +330,7 @@ def test_margin_loss_gradients_supernet_equal_fixed(monkeypatch):
       select_branches(variables, arch)['params'])
   chex.assert_trees_all_close(select_branches(grads, arch), fixed_grads, atol=1e-4, rtol=1e-3)
   used = branch_mask(grads, jnp.asarray(arch))
-  for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(used)):
-    if bool(u):
-      assert np.any(g != 0), jax.tree_util.keystr(path)
-    else:
-      np.testing.assert_array_equal(g, 0.0, err_msg=jax.tree_util.keystr(path))
+  assert_gradients_follow_mask(grads, used)
 
 
 def test_misuse_errors(setup):

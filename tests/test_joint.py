@@ -20,6 +20,8 @@ import pytest
 from nar_jax import controller, joint, ops, reinforce
 from nar_jax.models import macro, resnet
 
+from model_testing import random_variables, leaf_paths, assert_gradients_follow_mask
+
 K = len(ops.OP_NAMES)
 NUM_CLASSES = 5
 IMAGE_SHAPE = (4, 8, 8, 3)
@@ -340,27 +342,6 @@ def test_uniform_sample_joint_respects_mask_and_skip_rate():
 # Supernet and fixed network.
 
 
-def _random_variables(shapes, seed: int):
-  """Random values: He-scaled kernels, BN scale/var in [0.5, 1.5], other leaves N(0, 0.2)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('scale', 'var'):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'kernel':
-      value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / int(np.prod(leaf.shape[:-1])))
-    else:
-      value = 0.2 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _paths(tree) -> set[str]:
-  return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def _apply_both_modes(net, variables, images, *arch):
   eval_logits = net.apply(variables, images, *arch, train=False)
   train_logits, updates = net.apply(variables, images, *arch, train=True, mutable=['batch_stats'])
@@ -388,7 +369,7 @@ def setup() -> Setup:
   base = jnp.asarray(sp.baseline(), jnp.int32)
   shapes = jax.eval_shape(lambda x, a: net.init(jax.random.key(0), x, a, train=False),
                           images, base)
-  variables = _random_variables(shapes, seed=1)
+  variables = random_variables(shapes, seed=1)
   chex.clear_trace_counter()
 
   @chex.assert_max_traces(n=1)
@@ -503,7 +484,7 @@ def test_branch_mask_matches_select_branches(setup):
       chex.assert_trees_all_equal_structs(mask, tree)
       true_paths = {jax.tree_util.keystr(p)
                     for p, m in jax.tree_util.tree_leaves_with_path(mask) if bool(m)}
-      assert true_paths == _paths(macro.select_branches(tree, arch, sp))
+      assert true_paths == leaf_paths(macro.select_branches(tree, arch, sp))
   # resnet.branch_mask on the op indices alone freezes the op branches the same way.
   arch = jnp.asarray(setup.archs[1])
   ops_only = resnet.branch_mask(setup.variables['params'], joint.split(arch, 6)[0])
@@ -520,7 +501,7 @@ def test_supernet_gradients_vanish_exactly_outside_the_mask():
   images = jnp.asarray(np.random.default_rng(5).standard_normal(IMAGE_SHAPE), jnp.float32)
   shapes = jax.eval_shape(lambda x, a: net.init(jax.random.key(0), x, a, train=False),
                           images, jnp.asarray(sp.baseline()))
-  variables = _random_variables(shapes, seed=6)
+  variables = random_variables(shapes, seed=6)
   target = jax.nn.one_hot(jnp.arange(IMAGE_SHAPE[0]) % NUM_CLASSES, NUM_CLASSES)
 
   def loss(model, params, stats, *arch):
@@ -541,11 +522,7 @@ def test_supernet_gradients_vanish_exactly_outside_the_mask():
                               fixed_grads, **TOL)
   used = macro.branch_mask(grads, jnp.asarray(arch), sp)
   assert not bool(used['reduce0_from00']['path1_conv']['kernel'])
-  for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(used)):
-    if not bool(u):
-      np.testing.assert_array_equal(g, 0.0, err_msg=jax.tree_util.keystr(path))
-    elif 'kernel' in jax.tree_util.keystr(path):
-      assert np.any(g != 0), jax.tree_util.keystr(path)
+  assert_gradients_follow_mask(grads, used, must_move=lambda path: 'kernel' in path)
 
 
 def test_architecture_argument_only_for_the_supernet(setup):

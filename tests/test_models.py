@@ -23,32 +23,12 @@ import pytest
 from nar_jax import controller, ops, space
 from nar_jax.models.resnet import ResNet, branch_mask, select_branches
 
+from model_testing import random_variables, leaf_paths, assert_gradients_follow_mask
+
 NUM_CLASSES = 5
 IMAGE_SHAPE = (4, 8, 8, 3)
 NUM_ARCHS = 3  # random architectures compared per granularity
 TOL = dict(atol=1e-4, rtol=1e-4)
-
-
-def _random_variables(shapes, seed: int):
-  """Random values for a variable tree: He-scaled kernels, BN scale/var in [0.5, 1.5]."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('scale', 'var'):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'kernel':
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)
-    else:  # BN bias and mean, Dense bias
-      value = 0.2 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _paths(tree) -> set[str]:
-  return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 @dataclasses.dataclass
@@ -82,7 +62,7 @@ def setup(request) -> Setup:
   baseline = jnp.asarray(sp.baseline(), jnp.int32)
   shapes = jax.eval_shape(lambda x, a: net.init(jax.random.key(0), x, a, train=False),
                           images, baseline)
-  variables = _random_variables(shapes, seed=1 if granularity == 'conv' else 2)
+  variables = random_variables(shapes, seed=1 if granularity == 'conv' else 2)
 
   # One compiled function serves every architecture; chex fails the test that
   # triggers a second trace. chex counts traces per function *code*, shared by both
@@ -185,7 +165,7 @@ def test_supernet_gradients_equal_fixed_gradients(monkeypatch):
   images = jnp.asarray(np.random.default_rng(3).standard_normal(IMAGE_SHAPE), jnp.float32)
   shapes = jax.eval_shape(lambda x, a: net.init(jax.random.key(0), x, a, train=False),
                           images, jnp.asarray(sp.baseline(), jnp.int32))
-  variables = _random_variables(shapes, seed=4)
+  variables = random_variables(shapes, seed=4)
   target = jax.nn.one_hot(jnp.arange(IMAGE_SHAPE[0]) % NUM_CLASSES, NUM_CLASSES)
 
   def loss(model, params, batch_stats, *op_indices):
@@ -205,11 +185,7 @@ def test_supernet_gradients_equal_fixed_gradients(monkeypatch):
         fixed_vars['params'])
     chex.assert_trees_all_close(select_branches(grads, arch), fixed_grads, **TOL)
     used = branch_mask(grads, jnp.asarray(arch))
-    for (path, g), u in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(used)):
-      if bool(u):
-        assert np.any(g != 0), jax.tree_util.keystr(path)
-      else:
-        np.testing.assert_array_equal(g, 0.0, err_msg=jax.tree_util.keystr(path))
+    assert_gradients_follow_mask(grads, used)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +234,7 @@ def test_branch_mask_marks_exactly_the_selected_branches(setup):
         chex.assert_trees_all_equal_structs(mask, tree)
         true_paths = {jax.tree_util.keystr(p)
                       for p, m in jax.tree_util.tree_leaves_with_path(mask) if bool(m)}
-        assert true_paths == _paths(select_branches(tree, arch))
+        assert true_paths == leaf_paths(select_branches(tree, arch))
         for path, m in jax.tree_util.tree_leaves_with_path(mask):
           assert m.shape == () and m.dtype == jnp.bool_
           if not jax.tree_util.keystr(path[:1]).startswith("['node"):
