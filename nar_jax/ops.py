@@ -93,8 +93,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) ->
   return _conv2d(x, kernel, stride)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,))
 def _depthwise(x, kernel, stride):
-  """Depthwise SAME convolution as ``sum_ij x_pad[:, i::s, j::s] * kernel[i, j]``."""
+  """Depthwise SAME convolution as ``sum_ij x_pad[:, i::s, j::s] * kernel[i, j]``.
+
+  Rematerialised (``jax.checkpoint``): the backward pass re-slices ``x`` instead of
+  keeping the ``k*k`` shifted windows as residuals. Outside a conditional XLA fuses
+  those slices anyway; inside a ``lax.switch`` branch every residual becomes a
+  materialised branch output (and every *other* branch writes zeros into its slot),
+  which made a supernet step ~2x slower than the fixed network's.
+  """
   k = kernel.shape[0]
   (ph, out_h), (pw, out_w) = (same_padding(x.shape[d], k, stride) for d in (1, 2))
   padded = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))

@@ -238,6 +238,27 @@ def test_conv2d_inside_switch_branch_matches_lax(groups, kind, stride, h):
                               atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('groups', [1, 4])
+def test_conv2d_in_a_switch_keeps_only_its_input_for_the_backward_pass(groups):
+  """The residuals a switch of 5x5 convs carries to its backward pass: the input, not the
+  25 shifted windows of a depthwise conv (each a materialised activation in a branch).
+  """
+  c, k = 4, 5
+  kernel_shape = (k, k, 1, c) if groups > 1 else (k, k, c, c)
+  x, kernel, _ = _random_inputs(11, 2, 8, 8, c, kernel_shape, 1)
+  branches = [lambda a, b: ops.conv2d(a, b, 1, groups),
+              lambda a, b: 2.0 * ops.conv2d(a, b, 1, groups) + 1.0]
+
+  @jax.jit
+  def residuals(index, a, b):
+    _, vjp = jax.vjp(lambda a, b: jax.lax.switch(index, branches, a, b), a, b)
+    return vjp  # a pytree whose leaves are the saved residuals
+
+  activations = [leaf for leaf in jax.tree.leaves(residuals(jnp.int32(0), x, kernel))
+                 if leaf.ndim == 4 and leaf.shape[0] == x.shape[0]]
+  assert len(activations) <= 2, [leaf.shape for leaf in activations]
+
+
 def test_conv2d_eager_and_vmapped_grads_match_lax():
   """conv2d eager (no jit) equals lax; per-example kernel gradients under vmap (the custom
   VJP's batching rule) equal lax's."""
