@@ -11,10 +11,15 @@ Each case prints one JSON object with:
   random architectures that ``paired_supernet_step_s`` times in the supernet;
 * ``ratio``: ``paired_supernet_step_s / fixed_step_s`` (same architectures, same batch);
 * ``compile_s``: the supernet train step's first call (trace + compile + run);
+* ``ratio_cpu``, ``compile_cpu_s``: the same from process CPU time (all threads), which
+  a machine shared with other jobs inflates far less than wall time;
 * ``controller_update_s``: one controller update (sample ``num_aggregate``
   architectures, reward each on a validation minibatch, policy-gradient step);
 * ``search_loop_overhead``: time per child step inside the pipeline's training loop
-  (host batching, sharding, metrics) / the bare supernet step;
+  (``pipeline.train_epoch``: host batching, sharding, metrics) / the bare supernet
+  step; ``loop`` says which loop: ``scan`` (``config.scan_epoch``, the epoch as one
+  ``lax.scan`` over device-resident batches, timed on its second, compiled call) or
+  ``step`` (one jitted call per minibatch, first step excluded);
 * ``peak_rss_mb`` and, on accelerators, ``peak_device_mb``.
 
 Figures are measured on whatever machine runs this; compare ratios from one run.
@@ -48,22 +53,35 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (after on
 _ARCHS = flags.DEFINE_integer('archs', 2, 'Random architectures timed as fixed networks.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _OUT = flags.DEFINE_string('out', None, 'Also append the JSON lines to this file.')
+_LOOP = flags.DEFINE_enum('loop', 'scan', ['scan', 'step'],
+                          'Search loop timed for search_loop_overhead: one lax.scan per epoch '
+                          '(config.scan_epoch) or one jitted call per step.')
+_NOTE = flags.DEFINE_string('note', None, 'Free text stored in each JSON line as "note".')
 
 
-def _timed(fn, steps: int) -> tuple[float, float]:
-  """``(first call s, median of steps timed calls s)``; ``fn`` must block."""
-  tick = time.perf_counter()
+def _timed(fn, steps: int, cpu: dict | None = None, name: str = '') -> tuple[float, float]:
+  """``(first call s, median of steps timed calls s)``; ``fn`` must block.
+
+  With ``cpu``, also stores the process CPU time (all threads) of the first call and
+  the median of the timed calls under ``cpu[name]``: on a machine shared with other
+  jobs it grows far less than wall time does.
+  """
+  tick, cpu_tick = time.perf_counter(), time.process_time()
   fn()
-  first = time.perf_counter() - tick
-  times = []
+  first, cpu_first = time.perf_counter() - tick, time.process_time() - cpu_tick
+  times, cpu_times = [], []
   for _ in range(steps):
-    tick = time.perf_counter()
+    tick, cpu_tick = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - tick)
+    cpu_times.append(time.process_time() - cpu_tick)
+  if cpu is not None:
+    cpu[name] = (cpu_first, statistics.median(cpu_times))
   return first, statistics.median(times)
 
 
-def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtype: str) -> dict:
+def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtype: str,
+             loop: str = 'scan') -> dict:
   """Measures one case; see the module docstring for the fields."""
   if not case.startswith('r18_w'):
     raise ValueError(f'unknown case {case!r}; use r18_w<width>, e.g. r18_w64')
@@ -99,18 +117,20 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
     holder['state'], m = sampled_step(holder['state'], x, y, key, ctrl)
     block(m)
 
-  compile_s, supernet_step_s = _timed(sampled, steps)
+  cpu = {}
+  compile_s, supernet_step_s = _timed(sampled, steps, cpu, 'supernet')
 
   # Paired: the same random architectures as supernet steps and as fixed networks.
   given_step = train.make_train_step(supernet, tx, mesh, **stats, sample_arch=lambda k, p: p)
   archs = [tuple(int(a) for a in controller.uniform_sample(jax.random.PRNGKey(i), jmask))
            for i in range(num_archs)]
-  paired, fixed = [], []
+  paired, fixed, paired_cpu, fixed_cpu = [], [], [], []
   for arch in archs:
     def super_run(arch=arch):
       holder['state'], m = given_step(holder['state'], x, y, key, jnp.asarray(arch))
       block(m)
-    paired.append(_timed(super_run, steps)[1])
+    paired.append(_timed(super_run, steps, cpu, 'paired')[1])
+    paired_cpu.append(cpu['paired'][1])
     net = ResNet(space, 10, arch=arch, dtype=compute_dtype, bn_axis_name=train.DATA_AXIS)
     fixed_state = {'s': train.replicate(mesh, train.create_train_state(
         key, net, (image, image, 3), tx, None))}
@@ -119,7 +139,8 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
     def fixed_run():
       fixed_state['s'], m = fixed_step(fixed_state['s'], x, y, key, None)
       block(m)
-    fixed.append(_timed(fixed_run, steps)[1])
+    fixed.append(_timed(fixed_run, steps, cpu, 'fixed')[1])
+    fixed_cpu.append(cpu['fixed'][1])
 
   # Controller update: num_aggregate architectures rewarded on validation minibatches.
   c = config_lib.base_config().search.controller
@@ -143,15 +164,20 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
   # The pipeline's own training loop over an in-memory split, per step.
   loop_steps = max(steps, 5)
   split = data.Split(np.concatenate([images] * loop_steps), np.concatenate([labels] * loop_steps))
-  cfg = ml_collections.ConfigDict({'log_every_steps': loop_steps, 'seed': 0})
+  cfg = ml_collections.ConfigDict({'log_every_steps': loop_steps, 'seed': 0,
+                                   'scan_epoch': loop == 'scan'})
   log = pipeline.Log(workdir='', verbose=False)
   exp = pipeline.Experiment(cfg, '', None, space, mesh, log, key)
-  progress = pipeline.Progress(log, 'bench', loop_steps)
-  tick = time.perf_counter()
-  holder['state'], loop = pipeline.train_epoch(exp, sampled_step, holder['state'], split, batch,
-                                               0, key, ctrl, progress)
-  loop_total = time.perf_counter() - tick
-  loop_step_s = (loop_total - loop['first_step_s']) / (loop_steps - 1)
+  progress = pipeline.Progress(log, 'bench', loop_steps * 2)
+  for epoch in range(2 if loop == 'scan' else 1):  # a scan epoch compiles on its first call
+    tick = time.perf_counter()
+    holder['state'], stats = pipeline.train_epoch(exp, sampled_step, holder['state'], split,
+                                                  batch, epoch, key, ctrl, progress)
+    loop_total = time.perf_counter() - tick
+  if loop == 'scan':
+    loop_step_s = loop_total / loop_steps
+  else:
+    loop_step_s = (loop_total - stats['first_step_s']) / (loop_steps - 1)
 
   result = {
       'case': case, 'batch': batch, 'width': base_width, 'image': image, 'dtype': dtype,
@@ -160,9 +186,12 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
       'paired_supernet_step_s': statistics.median(paired),
       'fixed_step_s': statistics.median(fixed),
       'ratio': sum(paired) / sum(fixed),
+      'ratio_cpu': sum(paired_cpu) / sum(fixed_cpu),
       'images_per_s': batch / supernet_step_s,
       'compile_s': compile_s,
+      'compile_cpu_s': cpu['supernet'][0],
       'controller_update_s': controller_update_s,
+      'loop': loop,
       'search_loop_overhead': loop_step_s / supernet_step_s,
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
@@ -175,7 +204,10 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
 def main(argv):
   del argv
   for case in _CASES.value:
-    result = run_case(case, _BATCH.value, _IMAGE.value, _STEPS.value, _ARCHS.value, _DTYPE.value)
+    result = run_case(case, _BATCH.value, _IMAGE.value, _STEPS.value, _ARCHS.value, _DTYPE.value,
+                      _LOOP.value)
+    if _NOTE.value:
+      result['note'] = _NOTE.value
     line = json.dumps(result)
     print(line, flush=True)
     if _OUT.value:

@@ -565,3 +565,34 @@ def test_one_compiled_step_serves_many_controller_sampled_architectures(env):
   assert step._cache_size() == 1
   assert int(state.step) == 6
   chex.assert_tree_all_finite(jax.device_get(state.params))
+
+
+def test_scan_epoch_computes_the_steps_of_the_step_loop(env):
+  """Three steps as one lax.scan == three calls of the step (keys, augmentation, archs)."""
+  mask = jnp.asarray(env.space.candidate_mask())
+  ctrl_params = controller.init(jax.random.PRNGKey(1), len(ops.OP_NAMES), 16, 0.1)
+  mesh = train.make_mesh(2)
+  step = train.make_train_step(
+      env.supernet, env.tx, mesh, mean=env.splits.mean, std=env.splits.std, crop_padding=2,
+      flip=True, sample_arch=lambda key, params: controller.sample(params, key, mask, 1.5).arch)
+  images = env.splits.train.images[:3 * 16].reshape(3, 16, *env.images.shape[1:])
+  labels = env.splits.train.labels[:3 * 16].reshape(3, 16)
+  state = train.replicate(mesh, env.state)
+  loop_metrics = []
+  for i in range(3):
+    state, m = step(state, train.shard(mesh, images[i]), train.shard(mesh, labels[i]), env.key,
+                    ctrl_params)
+    loop_metrics.append(jax.device_get(m))
+  epoch = train.scan_epoch(step)
+  assert train.scan_epoch(step) is epoch  # one compiled scan per step function
+  scanned, metrics = epoch(train.replicate(mesh, env.state), train.shard(mesh, images, 1),
+                           train.shard(mesh, labels, 1), env.key, ctrl_params)
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *loop_metrics)
+  assert len({tuple(a) for a in stacked['arch']}) >= 2  # the scan samples a new arch per step
+  chex.assert_trees_all_equal(jax.device_get(metrics['arch']), stacked['arch'])
+  chex.assert_trees_all_close(jax.device_get(metrics), stacked, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(jax.device_get(scanned), jax.device_get(state), atol=1e-5, rtol=1e-5)
+  assert int(scanned.step) == 3
+  with pytest.raises(ValueError, match='leading'):
+    epoch(scanned, train.shard(mesh, images, 1), train.shard(mesh, labels[:2], 1), env.key,
+          ctrl_params)
