@@ -270,7 +270,10 @@ def skip_penalty(skip_logits: jax.Array, skip_target: float = SKIP_TARGET) -> ja
   return jnp.sum(per_layer[1:]) / (num_layers - 1)
 
 
-def _summarise_joint(ops_, op_log_p, skips, skip_logits, skip_target) -> JointSample:
+def _summarise_joint(ops_, op_log_p, skips, skip_logits, skip_target, count_ops: bool = True,
+                     count_skips: bool = True) -> JointSample:
+  """``count_ops`` / ``count_skips``: whether those decisions enter ``sample_entropy``
+  (False for decisions that were forced rather than sampled)."""
   num_layers = op_log_p.shape[0]
   lower = jnp.tril(jnp.ones((num_layers, num_layers), bool), -1)
   op_chosen = jnp.take_along_axis(op_log_p, ops_[:, None], axis=1)[:, 0]     # (L,)
@@ -278,8 +281,8 @@ def _summarise_joint(ops_, op_log_p, skips, skip_logits, skip_target) -> JointSa
   skip_chosen = jnp.where(lower, jnp.take_along_axis(skip_log_p, skips[..., None], -1)[..., 0],
                           0.0)                                               # (L, L)
   sample_entropy = jax.lax.stop_gradient(
-      jnp.sum(-op_chosen * jnp.exp(op_chosen)) +
-      jnp.sum(jnp.where(lower, -skip_chosen * jnp.exp(skip_chosen), 0.0)))
+      count_ops * jnp.sum(-op_chosen * jnp.exp(op_chosen)) +
+      count_skips * jnp.sum(jnp.where(lower, -skip_chosen * jnp.exp(skip_chosen), 0.0)))
   skip_entropy = jnp.sum(jnp.where(lower, _entropy(skip_log_p), 0.0), axis=-1)
   op_log_prob, skip_log_prob = jnp.sum(op_chosen), jnp.sum(skip_chosen)
   return JointSample(joint.encode(ops_, skips), op_log_prob + skip_log_prob, sample_entropy,
@@ -287,27 +290,48 @@ def _summarise_joint(ops_, op_log_p, skips, skip_logits, skip_target) -> JointSa
                      skip_penalty(skip_logits, skip_target))
 
 
+def _fixed_or(fixed, choose):
+  """``choose``, or (when ``fixed`` is given) a chooser that returns ``fixed[layer]``."""
+  if fixed is None:
+    return choose
+  fixed = jnp.asarray(fixed, jnp.int32)
+  return lambda layer, lp: fixed[layer]
+
+
 def sample_joint(params: Params, key: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
-                 skip_target: float = SKIP_TARGET) -> JointSample:
+                 skip_target: float = SKIP_TARGET, *, fixed_ops: jax.Array | None = None,
+                 fixed_skips: jax.Array | None = None) -> JointSample:
   """Samples one joint architecture; ``mask (L, num_ops)`` bool marks each layer's allowed ops.
 
   Op ``j`` is drawn from its masked softmax, then each skip bit ``S_jt`` (``t < j``) from
   its own 2-way softmax, independently given the LSTM state (ENAS).
+
+  Forcing (the alternating search, eq. 9-11): ``fixed_ops (L,)`` op indices replace the
+  op draws, ``fixed_skips (L, L)`` bits (lower triangle; e.g. from
+  :func:`nar_jax.joint.split`) replace the skip draws; both may be traced. The LSTM
+  reads the forced decisions as if it had sampled them, the log-probabilities score
+  them, and ``sample_entropy`` counts only the decisions that were sampled.
   """
   op_keys, skip_keys = jnp.split(jax.random.split(key, 2 * mask.shape[0]), 2)
   decoded = _decode_joint(
       params, mask, tanh_constant,
-      lambda layer, lp: jax.random.categorical(op_keys[layer], lp),
-      lambda layer, lp: jax.random.categorical(skip_keys[layer], lp, axis=-1))
-  return _summarise_joint(*decoded, skip_target)
+      _fixed_or(fixed_ops, lambda layer, lp: jax.random.categorical(op_keys[layer], lp)),
+      _fixed_or(fixed_skips,
+                lambda layer, lp: jax.random.categorical(skip_keys[layer], lp, axis=-1)))
+  return _summarise_joint(*decoded, skip_target, fixed_ops is None, fixed_skips is None)
 
 
 def most_likely_joint(params: Params, mask: jax.Array, tanh_constant: float = 1.5,
-                      skip_target: float = SKIP_TARGET) -> JointSample:
-  """Greedy decoding: the most likely op, then every skip whose probability exceeds 1/2."""
-  decoded = _decode_joint(params, mask, tanh_constant, lambda layer, lp: jnp.argmax(lp),
-                          lambda layer, lp: jnp.argmax(lp, axis=-1))
-  return _summarise_joint(*decoded, skip_target)
+                      skip_target: float = SKIP_TARGET, *, fixed_ops: jax.Array | None = None,
+                      fixed_skips: jax.Array | None = None) -> JointSample:
+  """Greedy decoding: the most likely op, then every skip whose probability exceeds 1/2.
+
+  ``fixed_ops`` / ``fixed_skips`` force decisions as in :func:`sample_joint`.
+  """
+  decoded = _decode_joint(params, mask, tanh_constant,
+                          _fixed_or(fixed_ops, lambda layer, lp: jnp.argmax(lp)),
+                          _fixed_or(fixed_skips, lambda layer, lp: jnp.argmax(lp, axis=-1)))
+  return _summarise_joint(*decoded, skip_target, fixed_ops is None, fixed_skips is None)
 
 
 def _teacher(arch: jax.Array, num_layers: int):
