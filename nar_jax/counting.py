@@ -14,9 +14,12 @@ ArcFace's reference figures (about 43.6M params and 6.31 G MACs for IR-50 at
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
-from nar_jax import ops
+import numpy as np
+
+from nar_jax import joint, ops
+from nar_jax.joint import JointSpace
 from nar_jax.space import SearchSpace
 
 
@@ -78,4 +81,41 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
     total += (ops.count_bn(channels) + count_dense(features, space.embedding_size)
               + ops.Counts(space.embedding_size, 0))
     return total + count_dense(space.embedding_size, num_classes, bias=False)
+  return total + count_dense(channels, num_classes)
+
+
+def count_joint_architecture(space: JointSpace, arch: Sequence[Any], image_hw: tuple[int, int],
+                             in_channels: int, num_classes: int) -> ops.Counts:
+  """Counts of the fixed ENAS macro network of joint ``arch`` (:class:`nar_jax.models.macro.MacroNet`).
+
+  Stem conv3x3 + BN; per layer of ``c`` channels a branch ``1x1 conv + BN``, then the
+  operator (``c -> c``, stride 1), and for layers after the first the post-skip BN
+  (skip additions cost nothing here); at each pool layer one factorized reduction
+  (two 1x1 convs to ``c' / 2`` on the stride-2 grid, BN) per output the architecture
+  still reads (:func:`nar_jax.joint.needed_reductions`); the dense head.
+
+  Args:
+    space: the joint space; ``arch``: flat or readable joint architecture (validated).
+    image_hw, in_channels, num_classes: as :func:`count_architecture`.
+  """
+  _, skips = joint.split(np.asarray(space.validate(arch)), space.num_layers)
+  ops_ = [entry['op'] for entry in space.names(arch)]
+  needed = joint.needed_reductions(skips, space.pool_layers)
+  hw = tuple(image_hw)
+  channels = space.stage_channels(0)
+  total = ops.count_conv(ops.ConvLayer(3, in_channels, channels), hw) + ops.count_bn(channels)
+  for j, op in enumerate(ops_):
+    total += ops.count_conv(ops.ConvLayer(1, channels, channels), hw) + ops.count_bn(channels)
+    total += ops.count_op(op, channels, channels, 1, hw)[0]
+    if j > 0:
+      total += ops.count_bn(channels)
+    if j in space.pool_layers:
+      k = space.pool_layers.index(j)
+      out = space.stage_channels(k + 1)
+      hw = tuple(-(-s // 2) for s in hw)
+      half = ops.count_conv(ops.ConvLayer(1, channels, out // 2), hw)
+      reduction = half + half + ops.count_bn(out)
+      for _ in range(int(np.sum(needed[k]))):
+        total += reduction
+      channels = out
   return total + count_dense(channels, num_classes)

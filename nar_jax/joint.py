@@ -128,6 +128,8 @@ def needed_reductions(skips: Any, pool_layers: Sequence[int]) -> Any:
   """
   xp = np if isinstance(skips, np.ndarray) else jnp
   num_layers = skips.shape[-1]
+  if not pool_layers:
+    return xp.zeros(skips.shape[:-2] + (0, num_layers + 1), bool)
   rows = []
   for p in pool_layers:
     later = xp.any(skips[..., p + 1:, :] != 0, axis=-2)               # (..., L)
