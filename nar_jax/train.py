@@ -32,8 +32,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nar_jax import controller, reinforce, verification
+from nar_jax import policy as policy_lib
 from nar_jax.data.augment import augment, normalize
-from nar_jax.models.resnet import branch_mask
+from nar_jax.models import resnet
 
 DATA_AXIS = 'data'
 
@@ -77,7 +78,13 @@ def create_train_state(key: jax.Array, model: nn.Module, image_shape: tuple[int,
 
 def create_controller_state(key: jax.Array, num_ops: int, hidden: int, init_range: float,
                             tx: optax.GradientTransformation) -> ControllerState:
-  params = controller.init(key, num_ops, hidden, init_range)
+  """An operator-only controller (:func:`nar_jax.controller.init`) with zero baseline."""
+  return controller_state(controller.init(key, num_ops, hidden, init_range), tx)
+
+
+def controller_state(params: Any, tx: optax.GradientTransformation) -> ControllerState:
+  """Any controller's ``params`` (e.g. ``policy.init(key)``) with fresh Adam state and
+  a zero baseline."""
   return ControllerState(params, tx.init(params), jnp.zeros((), jnp.float32))
 
 
@@ -198,11 +205,12 @@ def keep_unselected(mask: Any, params_treedef, new_opt_state: Any, old_opt_state
 
 
 ArchSampler = Callable[[jax.Array, Any], jax.Array]
+UsedMask = Callable[[Any, jax.Array], Any]
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                     mean, std, crop_padding: int, flip: bool,
-                    sample_arch: ArchSampler | None):
+                    sample_arch: ArchSampler | None, used_mask: UsedMask = resnet.branch_mask):
   """Builds ``step(state, images, labels, key, sampler_params) -> (state, metrics)``.
 
   Args:
@@ -213,6 +221,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     mean, std: per-channel normalisation.
     crop_padding, flip: on-device augmentation.
     sample_arch: ``(key, sampler_params) -> op_indices (num_nodes,)``, or ``None``.
+    used_mask: ``(params, arch) -> bool pytree like params``: which leaves the sampled
+      architecture uses (the rest, and their optimizer state, are frozen). Default
+      :func:`nar_jax.models.resnet.branch_mask` (one op index per node); the joint
+      space needs :func:`nar_jax.models.macro.branch_mask` with its space bound.
 
   The returned function takes uint8 ``images (B, H, W, C)`` and int32 ``labels (B,)``
   sharded over ``data``, and ``sampler_params`` (controller parameters, or ``None``).
@@ -238,7 +250,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if op_indices is not None:
-      used = branch_mask(state.params, op_indices)
+      used = used_mask(state.params, op_indices)
       params = tree_where(used, params, state.params)
       opt_state = keep_unselected(used, jax.tree.structure(state.params), opt_state,
                                   state.opt_state)
@@ -390,41 +402,75 @@ def _verification_reward(model, mesh, mean, std, batch_statistics):
 
 
 def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                           mask: np.ndarray, mean, std, tanh_constant: float,
-                           entropy_weight: float, baseline_decay: float,
-                           batch_statistics: bool = True, reward: str = 'accuracy'):
+                           mean, std, entropy_weight: float, baseline_decay: float,
+                           policy: policy_lib.Policy | None = None, mask: np.ndarray | None = None,
+                           tanh_constant: float = 1.5, batch_statistics: bool = True,
+                           reward: str = 'accuracy'):
   """Builds one jitted controller update (ENAS, DESIGN.md section 4).
 
-  ``update(ctrl_state, child_variables, images (M, B, H, W, C), targets, key)``
-  samples ``M`` architectures, rewards each on its own validation minibatch (no
-  augmentation; BatchNorm as :func:`predict` with ``batch_statistics``) plus
-  ``entropy_weight`` times its sampled entropy, updates the EMA baseline sample by
-  sample, and takes one Adam step on the averaged REINFORCE loss. Returns
-  ``(ctrl_state, metrics)``.
+  ``update(ctrl_state, child_variables, images (M, B, H, W, C), targets, key, *args)``
+  samples ``M`` architectures from ``policy`` (``args``: the policy's extra arguments,
+  e.g. the alternating search's incumbent), rewards each on its own validation
+  minibatch (no augmentation; BatchNorm as :func:`predict` with ``batch_statistics``)
+  plus ``entropy_weight`` times its sampled entropy, updates the EMA baseline sample
+  by sample, and takes one Adam step on ``policy.loss``. Returns ``(ctrl_state,
+  metrics)``; see :func:`make_policy_update` for the metrics.
+
+  ``policy``: a :class:`nar_jax.policy.Policy`; or give ``mask`` (and
+  ``tanh_constant``) for NAR's operator-only policy
+  (:func:`nar_jax.policy.operator_policy`).
 
   ``reward='accuracy'``: classification accuracy; ``targets`` = labels ``(M, B)``.
   ``reward='verification'`` (faces): the ``B`` images are ``B / 2`` pairs (``2i``,
   ``2i + 1``), ``targets`` = issame ``(M, B / 2)``, the reward their verification accuracy.
   """
-  mask = jnp.asarray(mask)
+  if (policy is None) == (mask is None):
+    raise ValueError('give make_controller_update either a policy or a candidate mask')
+  if policy is None:
+    policy = policy_lib.operator_policy(mask, tanh_constant)
   if reward not in ('accuracy', 'verification'):
     raise ValueError(f"unknown reward {reward!r}; use 'accuracy' or 'verification'")
   make_reward = _accuracy_reward if reward == 'accuracy' else _verification_reward
-  accuracy_fn = make_reward(model, mesh, mean, std, batch_statistics)
+  return make_policy_update(policy, tx, make_reward(model, mesh, mean, std, batch_statistics),
+                            entropy_weight=entropy_weight, baseline_decay=baseline_decay)
+
+
+RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformation,
+                       reward_fn: RewardFn, *, entropy_weight: float, baseline_decay: float):
+  """The controller update of :func:`make_controller_update` for any reward.
+
+  ``reward_fn(child_variables, archs (M, ...), images, targets) -> (M,)`` scores the
+  sampled architectures (:func:`make_controller_update` measures accuracy with the
+  shared weights; a test can plant a reward that is a fixed function of the
+  architecture). Returns jitted ``update(ctrl_state, child_variables, images,
+  targets, key, *args) -> (ctrl_state, metrics)`` with ``metrics``:
+
+  * ``controller_loss``, ``reward`` (mean over the ``M`` samples, entropy bonus
+    included), ``valid_acc`` (mean of ``reward_fn``), ``baseline``, ``entropy`` (mean
+    per-architecture sum of the op entropies), ``grad_norm`` (norm of the loss gradient);
+  * the policy's diagnostics of the same samples, advantages and parameters (before
+    the step): ``grad_norm_ops``, ``op_probs``, ``op_entropy``, ``op_rewards`` (eq. 6)
+    and, for joint policies, ``grad_norm_skips``, ``skip_probs``, ``skip_entropy``,
+    ``skip_rewards`` (eq. 7); see :mod:`nar_jax.reinforce`.
+  """
 
   @jax.jit
-  def update(state: ControllerState, child_variables, images, labels, key):
+  def update(state: ControllerState, child_variables, images, targets, key, *args):
+    if len(args) != policy.num_args:
+      raise ValueError(f'this {policy.search} policy takes {policy.num_args} extra '
+                       f'argument(s), got {len(args)}')
     keys = jax.random.split(key, images.shape[0])
-    samples = jax.vmap(controller.sample, (None, 0, None, None))(state.params, keys, mask,
-                                                                 tanh_constant)
-    accuracy = accuracy_fn(child_variables, samples.arch, images, labels)
+    samples = jax.vmap(lambda k: policy.sample(state.params, k, *args))(keys)
+    accuracy = reward_fn(child_variables, samples.arch, images, targets)
     rewards = accuracy + entropy_weight * samples.sample_entropy
     baseline, advantages = reinforce.ema_advantages(state.baseline, rewards, baseline_decay)
 
     def loss_fn(params):
-      scored = jax.vmap(controller.log_prob, (None, 0, None, None))(params, samples.arch, mask,
-                                                                   tanh_constant)
-      return reinforce.reinforce_loss(scored.log_prob, advantages)
+      scored = jax.vmap(lambda arch: policy.score(params, arch, *args))(samples.arch)
+      return policy.loss(scored, advantages)
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -436,6 +482,7 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
         'baseline': baseline,
         'entropy': jnp.mean(jnp.sum(samples.entropy, axis=1)),
         'grad_norm': optax.tree.norm(grads),
+        **policy.diagnostics(state.params, samples.arch, rewards, advantages, *args),
     }
     return ControllerState(params, opt_state, baseline), metrics
 
