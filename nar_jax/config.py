@@ -57,12 +57,22 @@ def base_config() -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict(dict(
-      base='resnet18',           # 'resnet18' | 'resnet20_wide' | 'ir18' | 'ir34' | 'ir50' | 'ir100'
+      # 'resnet18' | 'resnet20_wide' | 'ir18' | 'ir34' | 'ir50' | 'ir100' | 'enas_macro'
+      # (ENAS's macro space, operators *and* skips: the NAS-Arch baseline; see
+      # nar_jax.joint). width, granularity and candidate_rule do not apply to it.
+      base='resnet18',
       granularity='conv',        # 'conv': ResNet-18-16 | 'block': ResNet-18-8
       width=1.0,                 # channel multiplier
       candidate_rule='paper',    # 'paper': no more parameters than the original | 'all'
       ops='',                    # comma-separated op names restricting the candidates
       dtype='float32',
+      # 'enas_macro' only: layers, first-stage channels of the search (ENAS: 12, 36) and
+      # of the retrained fixed network (0: the same), which doubles its channels at each
+      # pool layer when retrain_widen is set (ENAS's fixed-architecture networks).
+      num_layers=12,
+      channels=36,
+      retrain_channels=0,
+      retrain_widen=False,
   ))
 
   # Faces ('ir<depth>' bases): the margin of the target logit, s * (cos(m1 theta + m2) - m3).
@@ -93,8 +103,25 @@ def base_config() -> ml_collections.ConfigDict:
           num_aggregate=20,        # architectures per controller update
           updates_per_epoch=50,
           valid_batch_size=128,    # one validation minibatch rewards each architecture
+          # Joint ('enas_macro') searches: ENAS's KL skip penalty toward skip_target,
+          # weighted skip_weight in the controller loss.
+          skip_target=0.4, skip_weight=0.8,
       )),
+      # 'controller': ENAS/NAR search (epochs of child training + controller updates,
+      # then derive). 'alternating' ('enas_macro' only, eq. 9-11 of the paper): from the
+      # baseline architecture, alternately search operators with the skips fixed and
+      # skips with the operators fixed (nar_jax.alternating).
+      method='controller',
   ))
+
+  # The alternating search (search.method='alternating'): each phase runs
+  # epochs_per_phase search epochs, then picks the best of the incumbent, the
+  # controller's most likely and num_samples sampled architectures on the validation
+  # split; a phase "improves" when its pick beats the incumbent by more than tolerance.
+  # It stops when an operator phase and a skip phase in a row did not improve, or
+  # after max_rounds rounds (one round = an operator phase and a skip phase).
+  c.alternating = ml_collections.ConfigDict(dict(
+      max_rounds=3, tolerance=0.0, epochs_per_phase=10, num_samples=10))
 
   c.derive = ml_collections.ConfigDict(dict(num_samples=10))
 
@@ -165,10 +192,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.dataset.name must be one of {", ".join(DATASETS)}, '
                      f'got {config.dataset.name!r}')
   faces = config.dataset.name in FACE_DATASETS
-  if faces != is_face_model(config):
+  if is_face_model(config) and not faces:
     raise ValueError(f'config.model.base={config.model.base!r} does not fit '
-                     f'config.dataset.name={config.dataset.name!r}: face datasets need an IR '
-                     'base (ir18, ir34, ir50, ir100) and IR bases need a face dataset')
+                     f'config.dataset.name={config.dataset.name!r}: IR bases (ir18, ir34, ir50, '
+                     'ir100) need a face dataset')
+  # A face dataset with a softmax base (ResNet, ENAS macro) is plain classification of
+  # the proxy task's identities (pipeline.face_classification_splits), no verification.
+  if faces and config.scan_epoch:
+    raise ValueError('config.scan_epoch puts a whole epoch of images on the devices; face '
+                     'datasets are decoded batch by batch: use config.scan_epoch=False')
   if config.dataset.name == 'faces' and not config.dataset.data_dir:
     raise ValueError("config.dataset.data_dir must name the insightface directory (train.rec, "
                      "train.idx, property, *.bin) for dataset 'faces'")
@@ -176,9 +208,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.search.reward must be 'accuracy' or 'verification', "
                      f'got {config.search.reward!r}')
   if config.search.reward == 'verification':
-    if not faces or not config.search.reward_pairs:
-      raise ValueError("config.search.reward='verification' needs a face dataset and "
-                       'config.search.reward_pairs naming a held-out .bin pair set')
+    if not faces or not is_face_model(config) or not config.search.reward_pairs:
+      raise ValueError("config.search.reward='verification' needs a face dataset, an IR base "
+                       'and config.search.reward_pairs naming a held-out .bin pair set')
     if config.search.controller.valid_batch_size % 2:
       raise ValueError('config.search.controller.valid_batch_size must be even (image pairs) '
                        "with config.search.reward='verification'")
@@ -188,11 +220,36 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
   for op in restricted_ops(config):
     ops.check_op_name(op)
+  if config.search.method not in ('controller', 'alternating'):
+    raise ValueError(f"config.search.method must be 'controller' or 'alternating', "
+                     f'got {config.search.method!r}')
+  if is_joint_model(config):
+    for name in ('model.num_layers', 'model.channels'):
+      if field(config, name) <= 0:
+        raise ValueError(f'config.{name} must be positive, got {field(config, name)}')
+    if config.model.retrain_channels < 0:
+      raise ValueError(f'config.model.retrain_channels must be >= 0 (0: model.channels), '
+                       f'got {config.model.retrain_channels}')
+  elif config.search.method == 'alternating':
+    raise ValueError("config.search.method='alternating' searches skips too: it needs "
+                     "config.model.base='enas_macro'")
+  if config.search.method == 'alternating':
+    a = config.alternating
+    for name in ('max_rounds', 'epochs_per_phase', 'num_samples'):
+      if a[name] <= 0:
+        raise ValueError(f'config.alternating.{name} must be positive, got {a[name]}')
+    if a.tolerance < 0:
+      raise ValueError(f'config.alternating.tolerance must be >= 0, got {a.tolerance}')
 
 
 def is_face_model(config: ml_collections.ConfigDict) -> bool:
   """Whether ``config.model.base`` is an LResNet-E-IR (``'ir<depth>'``)."""
   return config.model.base.startswith('ir')
+
+
+def is_joint_model(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config.model.base`` is ENAS's macro space (operators and skips searched)."""
+  return config.model.base == 'enas_macro'
 
 
 def verification_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:

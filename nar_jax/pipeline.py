@@ -13,6 +13,7 @@ Outputs in the workdir: ``arch.json``, ``metrics.jsonl``, ``report.md``,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -24,11 +25,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from nar_jax import alternating
 from nar_jax import config as config_lib
-from nar_jax import controller, counting, data, margins, ops, report, train, verification
+from nar_jax import counting, data, margins, ops, report, train, verification
+from nar_jax import policy as policy_lib
 from nar_jax.checkpoint import PhaseCheckpoints
 from nar_jax.data import faces, synthetic_faces
+from nar_jax.joint import JointSpace, joint_space
+from nar_jax.models import macro, resnet
 from nar_jax.models.iresnet import IResNet
+from nar_jax.models.macro import MacroNet
 from nar_jax.models.resnet import ResNet
 from nar_jax.space import SearchSpace, ir_space, resnet_space
 
@@ -100,7 +106,7 @@ class Experiment:
   config: ml_collections.ConfigDict
   workdir: str
   splits: data.Splits
-  space: SearchSpace
+  space: SearchSpace | JointSpace
   mesh: Any
   log: Log
   root_key: jax.Array
@@ -118,13 +124,78 @@ class Experiment:
 
   @property
   def faces(self) -> bool:
-    return self.space.family == 'ir'
+    """Whether the networks are face networks (IR, margin head, verification)."""
+    return isinstance(self.space, SearchSpace) and self.space.family == 'ir'
+
+  @property
+  def joint(self) -> bool:
+    """Whether the space searches skip connections too (ENAS macro, NAS-Arch)."""
+    return isinstance(self.space, JointSpace)
+
+  @property
+  def retrain_space(self) -> SearchSpace | JointSpace:
+    """The space of the retrained fixed networks: the search space, or for the joint
+    space its ``model.retrain_channels`` / ``model.retrain_widen`` version."""
+    if not self.joint:
+      return self.space
+    m = self.config.model
+    return dataclasses.replace(self.space, channels=m.retrain_channels or m.channels,
+                               widen=m.retrain_widen)
+
+  @property
+  def node_names(self) -> list[str]:
+    """One name per node (``layer{j}`` for the joint space)."""
+    if self.joint:
+      return [f'layer{j}' for j in range(self.space.num_layers)]
+    return [n.name for n in self.space.nodes]
+
+  def policy(self, search: str = 'joint') -> policy_lib.Policy:
+    """The controller policy of the space (``search`` applies to the joint space only:
+    see :func:`nar_jax.policy.joint_policy`)."""
+    c = self.config.search.controller
+    if self.joint:
+      return policy_lib.joint_policy(self.space, c.tanh_constant, c.hidden, c.init_range,
+                                     c.skip_target, c.skip_weight, search)
+    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range)
+
+  @property
+  def used_mask(self) -> train.UsedMask:
+    """Which supernet leaves an architecture uses (:func:`train.make_train_step`)."""
+    if self.joint:
+      return functools.partial(macro.branch_mask, space=self.space)
+    return resnet.branch_mask
+
+  def parse_arch(self, text: str) -> tuple[int, ...]:
+    """``config.arch`` as a validated architecture: ``'baseline'``, the path of an
+    ``arch.json`` (its ``arch``), a JSON list (op names, or for the joint space the
+    readable layers or the flat vector), or comma-separated op names (joint: the flat
+    vector's integers)."""
+    text = text.strip()
+    if text == 'baseline':
+      return self.space.baseline()
+    if text.endswith('.json'):
+      if not os.path.exists(text):
+        raise ValueError(f'config.arch names {text}, which does not exist')
+      with open(text) as f:
+        return self.space.validate(json.load(f)['arch'])
+    if text.startswith('['):
+      return self.space.validate(json.loads(text))
+    entries = [e.strip() for e in text.split(',')]
+    if self.joint:
+      if not all(e.lstrip('-').isdigit() for e in entries):
+        raise ValueError(f'config.arch for the joint space must be an arch.json path, JSON, or '
+                         f'the flat vector as comma-separated integers; got {text!r}')
+      entries = [int(e) for e in entries]
+    return self.space.validate(entries)
 
   def model(self, arch: tuple[int, ...] | None = None,
-            num_classes: int | None = None) -> ResNet | IResNet:
+            num_classes: int | None = None) -> ResNet | IResNet | MacroNet:
     """The supernet (``arch=None``) or the fixed network ``arch``, for ``num_classes``
     classes (default: the search data's)."""
     num_classes = num_classes or self.splits.num_classes
+    if self.joint:
+      return MacroNet(self.space if arch is None else self.retrain_space, num_classes, arch=arch,
+                      dtype=self.dtype, bn_axis_name=train.DATA_AXIS)
     if self.faces:
       m = self.config.margin
       return IResNet(self.space, num_classes, arch=arch,
@@ -138,6 +209,8 @@ class Experiment:
     paper's and ArcFace's convention: the classifier is dropped after training)."""
     h, w, c = self.splits.image_shape
     num_classes = 0 if self.faces else self.splits.num_classes
+    if self.joint:
+      return counting.count_joint_architecture(self.retrain_space, arch, (h, w), c, num_classes)
     return counting.count_architecture(self.space, arch, (h, w), c, num_classes)
 
   def result_path(self, phase: str) -> str:
@@ -163,9 +236,11 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def build_space(config: ml_collections.ConfigDict) -> SearchSpace:
+def build_space(config: ml_collections.ConfigDict) -> SearchSpace | JointSpace:
   m = config.model
   allowed = config_lib.restricted_ops(config) or None
+  if config_lib.is_joint_model(config):
+    return joint_space(m.num_layers, m.channels, candidates=allowed)
   if config_lib.is_face_model(config):
     if not m.base[2:].isdigit():
       raise ValueError(f"config.model.base={m.base!r}: IR bases are 'ir18', 'ir34', 'ir50' "
@@ -204,11 +279,38 @@ def face_splits(config: ml_collections.ConfigDict, workdir: str, proxy: bool) ->
       seed=config.seed, index_path=os.path.join(workdir, name))
 
 
+def face_classification_splits(splits: data.Splits, valid_per_identity: int) -> data.Splits:
+  """A face proxy task as plain classification of its identities (softmax networks).
+
+  ``test`` is the proxy task's validation split; ``valid`` the last
+  ``valid_per_identity`` training images of each identity; ``train`` the rest. No
+  image is in two splits; every identity is in all three.
+  """
+  labels = splits.train.labels
+  rank_from_end = np.zeros(len(labels), np.int64)
+  for label in np.unique(labels):
+    where = np.flatnonzero(labels == label)
+    rank_from_end[where] = np.arange(len(where))[::-1]
+  is_valid = rank_from_end < valid_per_identity
+  if not np.any(~is_valid):
+    raise ValueError(f'config.dataset.proxy leaves no training image per identity after '
+                     f'{valid_per_identity} validation images')
+  images = splits.train.images
+  subset = lambda index: images.take(index) if isinstance(images, faces.LazyImages) else images[index]
+  take = lambda keep: data.Split(subset(np.flatnonzero(keep)), labels[keep])
+  return dataclasses.replace(splits, train=take(~is_valid), valid=take(is_valid),
+                             test=splits.valid)
+
+
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> data.Splits:
-  """The search data: the dataset's train/valid/test, or a face proxy task."""
+  """The search data: the dataset's train/valid/test, or a face proxy task (for a
+  softmax base: :func:`face_classification_splits`)."""
   ds = config.dataset
   if ds.name in config_lib.FACE_DATASETS:
-    return face_splits(config, workdir, proxy=True)
+    proxy = face_splits(config, workdir, proxy=True)
+    if config_lib.is_face_model(config):
+      return proxy
+    return face_classification_splits(proxy, ds.proxy.valid_per_identity)
   return data.load_splits(ds.name, data_dir=ds.data_dir or None,
                           valid_size=None if ds.valid_size < 0 else ds.valid_size,
                           seed=config.seed)
@@ -225,9 +327,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   log = Log(workdir)
   ds = config.dataset
   splits = load_data(config, workdir)
-  for name, split, batch in (('child.batch_size', splits.train, config.child.batch_size),
-                             ('search.controller.valid_batch_size', splits.valid,
-                              config.search.controller.valid_batch_size)):
+  searched = () if config.arch else (
+      ('child.batch_size', splits.train, config.child.batch_size),
+      ('search.controller.valid_batch_size', splits.valid,
+       config.search.controller.valid_batch_size))
+  for name, split, batch in searched:  # only a search uses them
     if batch > len(split):
       raise ValueError(f'config.{name}={batch} exceeds the {len(split)} examples of its split')
   space = build_space(config)
@@ -266,8 +370,9 @@ def train_epoch(exp: Experiment, step_fn: Callable, state: train.TrainState, spl
   pending, epoch_metrics, interval_times = [], [], []
   first_step_s = None
   tick = time.time()
-  for i, (images, labels) in enumerate(data.batches(split, batch_size, seed=exp.config.seed,
-                                                     epoch=epoch)):
+  # The next batch is read (and, for faces, JPEG-decoded) while the device trains.
+  batches = data.prefetch(data.batches(split, batch_size, seed=exp.config.seed, epoch=epoch))
+  for i, (images, labels) in enumerate(batches):
     state, metrics = step_fn(state, train.shard(exp.mesh, images), train.shard(exp.mesh, labels),
                              key, sampler_params)
     pending.append(metrics)
@@ -361,7 +466,7 @@ def _child_step(exp: Experiment, tx, sample_arch):
   return train.make_train_step(
       exp.model(), tx, exp.mesh, mean=exp.splits.mean, std=exp.splits.std,
       crop_padding=exp.config.dataset.crop_padding, flip=exp.config.dataset.flip,
-      sample_arch=sample_arch)
+      sample_arch=sample_arch, used_mask=exp.used_mask)
 
 
 def run_pretrain(exp: Experiment) -> train.TrainState:
@@ -376,8 +481,8 @@ def run_pretrain(exp: Experiment) -> train.TrainState:
   state, meta = _resume(ckpt, state, exp, 'pretrain')
   done = meta['epoch']
   if done < epochs:
-    mask = jnp.asarray(exp.mask)
-    step_fn = _child_step(exp, tx, lambda key, _: controller.uniform_sample(key, mask))
+    uniform = exp.policy().uniform
+    step_fn = _child_step(exp, tx, lambda key, _: uniform(key))
     batch = exp.config.child.batch_size
     per_epoch = data.num_batches(exp.splits.train, batch)
     progress = Progress(exp.log, 'pretrain', epochs * per_epoch, done * per_epoch)
@@ -427,22 +532,16 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
   """
   c = exp.config.search.controller
   ctrl_tx = train.controller_optimizer(c)
-  ctrl = train.create_controller_state(exp.key('controller'), len(ops.OP_NAMES), c.hidden,
-                                       c.init_range, ctrl_tx)
+  policy = exp.policy()
+  ctrl = train.controller_state(policy.init(exp.key('controller')), ctrl_tx)
   state = {'child': child, 'controller': train.replicate(exp.mesh, ctrl)}
   ckpt = PhaseCheckpoints(exp.workdir, 'search')
   state, meta = _resume(ckpt, state, exp, 'search')
   done, epochs = meta['epoch'], exp.config.search.epochs
   if done < epochs:
-    mask = jnp.asarray(exp.mask)
     tx = _child_optimizer(exp)
-    sample = lambda key, params: controller.sample(params, key, mask, c.tanh_constant).arch
-    step_fn = _child_step(exp, tx, sample)
-    update_fn = train.make_controller_update(
-        exp.model(), ctrl_tx, exp.mesh, mask=exp.mask, mean=exp.splits.mean, std=exp.splits.std,
-        tanh_constant=c.tanh_constant, entropy_weight=c.entropy_weight,
-        baseline_decay=c.baseline_decay, batch_statistics=exp.config.search.batch_statistics,
-        reward=exp.config.search.reward)
+    step_fn = _child_step(exp, tx, lambda key, params: policy.sample(params, key).arch)
+    update_fn = controller_update(exp, policy, ctrl_tx)
     reward_data = _reward_data(exp)
     batch = exp.config.child.batch_size
     per_epoch = data.num_batches(exp.splits.train, batch)
@@ -453,22 +552,14 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
       exp.log.record(phase='search', epoch=epoch + 1, train_loss=stats['loss'],
                      train_acc=stats['accuracy'], step_s=stats['step_s'])
       ctrl = state['controller']
-      tick, update_metrics = time.time(), []
+      tick = time.time()
       epoch_key = jax.random.fold_in(exp.key('controller'), epoch)
-      for u in range(c.updates_per_epoch):
-        images, targets = _controller_batches(exp, reward_data, epoch, u)
-        targets = (train.shard(exp.mesh, targets, 1) if exp.config.search.reward == 'accuracy'
-                   else train.replicate(exp.mesh, targets))
-        ctrl, m = update_fn(ctrl, child.variables, train.shard(exp.mesh, images, 1), targets,
-                            jax.random.fold_in(epoch_key, u))
-        update_metrics.append(m)
-      for u, m in enumerate(jax.device_get(update_metrics)):
+      ctrl, update_metrics = controller_updates(exp, update_fn, ctrl, child.variables,
+                                                reward_data, epoch, epoch_key)
+      for u, m in enumerate(update_metrics):
         exp.log.record(phase='controller', epoch=epoch + 1, update=u + 1, **m)
       if update_metrics:
-        last = jax.device_get(update_metrics[-1])
-        exp.log.info(f'[search] epoch {epoch + 1}: {c.updates_per_epoch} controller updates in '
-                     f'{time.time() - tick:.1f} s | reward {last["reward"]:.4f} baseline '
-                     f'{last["baseline"]:.4f} entropy {last["entropy"]:.3f}')
+        _log_updates(exp, 'search', epoch, update_metrics, time.time() - tick)
       state = {'child': child, 'controller': ctrl}
       meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']]}
       ckpt.save(epoch + 1, state, meta)
@@ -476,19 +567,54 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
   return state, meta['step_times']
 
 
-def run_derive(exp: Experiment, search: dict[str, Any]) -> dict[str, Any]:
-  """Scores the controller's most likely and ``num_samples`` sampled architectures on the
-  whole validation split with the shared weights; keeps the best (first on ties)."""
+def controller_update(exp: Experiment, policy: policy_lib.Policy, ctrl_tx) -> Callable:
+  """The jitted controller update of ``policy`` with the config's reward and recipe."""
   c = exp.config.search.controller
-  params = search['controller'].params
-  mask = jnp.asarray(exp.mask)
-  proposals = [('most_likely', controller.most_likely(params, mask, c.tanh_constant))]
-  keys = jax.random.split(exp.key('derive'), exp.config.derive.num_samples)
-  proposals += [(f'sample_{i}', controller.sample(params, k, mask, c.tanh_constant))
-                for i, k in enumerate(keys)]
-  eval_fn = train.make_eval_step(exp.model(), exp.mesh, mean=exp.splits.mean, std=exp.splits.std,
-                                 batch_statistics=exp.config.search.batch_statistics)
-  variables = search['child'].variables
+  return train.make_controller_update(
+      exp.model(), ctrl_tx, exp.mesh, policy=policy, mean=exp.splits.mean, std=exp.splits.std,
+      entropy_weight=c.entropy_weight, baseline_decay=c.baseline_decay,
+      batch_statistics=exp.config.search.batch_statistics, reward=exp.config.search.reward)
+
+
+def controller_updates(exp: Experiment, update_fn: Callable, ctrl: train.ControllerState,
+                       variables: Any, reward_data: tuple[Any, np.ndarray], epoch: int,
+                       epoch_key: jax.Array, *args) -> tuple[train.ControllerState, list[dict]]:
+  """One epoch's ``updates_per_epoch`` controller updates; returns the state and the
+  fetched metrics of each update (``args``: the policy's extra arguments)."""
+  pending = []
+  for u in range(exp.config.search.controller.updates_per_epoch):
+    images, targets = _controller_batches(exp, reward_data, epoch, u)
+    targets = (train.shard(exp.mesh, targets, 1) if exp.config.search.reward == 'accuracy'
+               else train.replicate(exp.mesh, targets))
+    ctrl, m = update_fn(ctrl, variables, train.shard(exp.mesh, images, 1), targets,
+                        jax.random.fold_in(epoch_key, u), *args)
+    pending.append(m)
+  return ctrl, jax.device_get(pending)
+
+
+def _log_updates(exp: Experiment, phase: str, epoch: int, metrics: list[dict],
+                 seconds: float) -> None:
+  last = metrics[-1]
+  exp.log.info(f'[{phase}] epoch {epoch + 1}: {len(metrics)} controller updates in '
+               f'{seconds:.1f} s | reward {last["reward"]:.4f} baseline '
+               f'{last["baseline"]:.4f} entropy {last["entropy"]:.3f}')
+
+
+def supernet_eval_step(exp: Experiment) -> Callable:
+  """The eval step that scores architectures with the shared weights (derive)."""
+  return train.make_eval_step(exp.model(), exp.mesh, mean=exp.splits.mean, std=exp.splits.std,
+                              batch_statistics=exp.config.search.batch_statistics)
+
+
+def score_proposals(exp: Experiment, eval_fn: Callable, variables: Any,
+                    proposals: list[tuple[str, Any]], phase: str) -> list[dict[str, Any]]:
+  """Scores ``(source, sample)`` proposals (``sample.arch``, ``sample.log_prob``) on the
+  whole validation split with the shared weights (``eval_fn``:
+  :func:`supernet_eval_step`), dropping repeated architectures.
+
+  Returns one dict per distinct architecture: ``source``, ``arch`` (readable),
+  ``op_indices`` (the vector), ``log_prob``, ``valid_acc``.
+  """
   seen, candidates = set(), []
   for source, s in proposals:
     arch = tuple(int(a) for a in jax.device_get(s.arch))
@@ -496,15 +622,117 @@ def run_derive(exp: Experiment, search: dict[str, Any]) -> dict[str, Any]:
       continue
     seen.add(arch)
     scores = evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(arch))
-    candidates.append({'source': source, 'arch': exp.space.names(arch),
+    candidates.append({'source': source, 'arch': exp.space.names(arch), 'op_indices': list(arch),
                        'log_prob': float(s.log_prob), 'valid_acc': scores['accuracy']})
-    exp.log.info(f'[derive] {source}: valid acc {scores["accuracy"]:.4f} '
-                 f'{",".join(candidates[-1]["arch"])}')
+    exp.log.info(f'[{phase}] {source}: valid acc {scores["accuracy"]:.4f} '
+                 f'{report.arch_text(candidates[-1]["arch"])}')
+  return candidates
+
+
+def run_derive(exp: Experiment, search: dict[str, Any]) -> dict[str, Any]:
+  """Scores the controller's most likely and ``num_samples`` sampled architectures on the
+  whole validation split with the shared weights; keeps the best (first on ties)."""
+  policy = exp.policy()
+  params = search['controller'].params
+  proposals = [('most_likely', policy.most_likely(params))]
+  keys = jax.random.split(exp.key('derive'), exp.config.derive.num_samples)
+  proposals += [(f'sample_{i}', policy.sample(params, k)) for i, k in enumerate(keys)]
+  variables = search['child'].variables
+  eval_fn = supernet_eval_step(exp)
+  candidates = score_proposals(exp, eval_fn, variables, proposals, 'derive')
   best = max(candidates, key=lambda cand: cand['valid_acc'])
   baseline = exp.space.baseline()
   baseline_scores = evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(baseline))
   return {'best': best, 'candidates': candidates,
           'baseline': {'arch': exp.space.names(baseline), 'valid_acc': baseline_scores['accuracy']}}
+
+
+def run_alternating(exp: Experiment, child: train.TrainState) -> tuple[dict[str, Any], list]:
+  """The alternating search (:mod:`nar_jax.alternating`) on the supernet, from the
+  joint space's baseline architecture.
+
+  Each phase runs ``alternating.epochs_per_phase`` search epochs (a child epoch with
+  architectures from the forced controller, then its updates; one joint controller
+  and one set of shared weights throughout), then scores the phase's proposals on
+  the validation split. Checkpointed after every phase (``checkpoints/alternating``);
+  logs ``phase='alternating'`` records (the ER sequence) and controller records with
+  ``search`` and ``round``. Returns a derive-like result (``best``, ``candidates`` of
+  the last phase, ``baseline``, ``alternating``: history and stop reason) and the
+  supernet s/step of each epoch.
+  """
+  cfg, c = exp.config.alternating, exp.config.search.controller
+  ctrl_tx = train.controller_optimizer(c)
+  policies = {search: exp.policy(search) for search in alternating.PHASES}
+  ctrl = train.controller_state(policies['operators'].init(exp.key('controller')), ctrl_tx)
+  state = {'child': child, 'controller': train.replicate(exp.mesh, ctrl)}
+  ckpt = PhaseCheckpoints(exp.workdir, 'alternating')
+  state, meta = _resume(ckpt, state, exp, 'alternating')
+  meta.setdefault('history', [])
+  tx = _child_optimizer(exp)
+  steps = {s: _child_step(exp, tx, lambda key, p, s=s: policies[s].sample(p[0], key, p[1]).arch)
+           for s in alternating.PHASES}
+  updates = {s: controller_update(exp, policies[s], ctrl_tx) for s in alternating.PHASES}
+  reward_data = _reward_data(exp)
+  eval_fn = supernet_eval_step(exp)
+  batch = exp.config.child.batch_size
+  per_epoch = data.num_batches(exp.splits.train, batch)
+  progress = Progress(exp.log, 'alternating', 2 * cfg.max_rounds * cfg.epochs_per_phase * per_epoch,
+                      meta['epoch'] * per_epoch)
+
+  def run_phase(search, incumbent, round_, index):
+    nonlocal state, meta
+    fixed = jnp.asarray(incumbent, jnp.int32)
+    child, ctrl = state['child'], state['controller']
+    for i in range(cfg.epochs_per_phase):
+      epoch = index * cfg.epochs_per_phase + i
+      child, stats = train_epoch(exp, steps[search], child, exp.splits.train, batch, epoch,
+                                 exp.key('search'), (ctrl.params, fixed), progress)
+      exp.log.record(phase='search', epoch=epoch + 1, search=search, round=round_,
+                     train_loss=stats['loss'], train_acc=stats['accuracy'],
+                     step_s=stats['step_s'])
+      meta['step_times'].append(stats['step_s'])
+      tick = time.time()
+      ctrl, metrics = controller_updates(exp, updates[search], ctrl, child.variables, reward_data,
+                                         epoch, jax.random.fold_in(exp.key('controller'), epoch),
+                                         fixed)
+      for u, m in enumerate(metrics):
+        exp.log.record(phase='controller', epoch=epoch + 1, update=u + 1, search=search,
+                       round=round_, **m)
+      if metrics:
+        _log_updates(exp, f'alternating {search} {round_}', epoch, metrics, time.time() - tick)
+    state = {'child': child, 'controller': ctrl}
+    proposals = alternating.propose(policies[search], ctrl.params, incumbent,
+                                    jax.random.fold_in(exp.key('derive'), index), cfg.num_samples)
+    return score_proposals(exp, eval_fn, child.variables, proposals,
+                           f'alternating {search} {round_}')
+
+  def on_phase(entry, history):
+    exp.log.info(f'[alternating] {entry["phase"]} phase of round {entry["round"]}: ER '
+                 f'{entry["er"]:.4f} (incumbent {entry["incumbent_reward"]:.4f}, '
+                 f'{"improved" if entry["improved"] else "kept the incumbent"})')
+    exp.log.record(phase='alternating', step=len(history), search=entry['phase'],
+                   round=entry['round'], er=entry['er'],
+                   incumbent_reward=entry['incumbent_reward'], improved=entry['improved'],
+                   arch=entry['op_indices'])
+    meta['history'] = history
+    meta['epoch'] = len(history) * cfg.epochs_per_phase
+    ckpt.save(len(history), state, meta)
+
+  outcome = alternating.alternate(exp.space.baseline(), run_phase, tolerance=cfg.tolerance,
+                                  max_rounds=cfg.max_rounds, history=meta['history'],
+                                  on_phase=on_phase)
+  ckpt.close()
+  exp.log.info(f'[alternating] stopped ({outcome["stopped"]}) after {len(outcome["history"])} '
+               f'phases; ER sequence {[round(h["er"], 4) for h in outcome["history"]]}')
+  last = outcome['history'][-1]
+  best = next(cand for cand in last['candidates'] if cand['op_indices'] == last['op_indices'])
+  baseline = exp.space.baseline()
+  baseline_scores = evaluate(exp, eval_fn, state['child'].variables, exp.splits.valid,
+                             jnp.asarray(baseline))
+  history = [{k: v for k, v in h.items() if k != 'candidates'} for h in outcome['history']]
+  return {'best': best, 'candidates': last['candidates'],
+          'baseline': {'arch': exp.space.names(baseline), 'valid_acc': baseline_scores['accuracy']},
+          'alternating': {'history': history, 'stopped': outcome['stopped']}}, meta['step_times']
 
 
 def retrain_splits(exp: Experiment) -> data.Splits:
@@ -615,8 +843,11 @@ def _searched(exp: Experiment) -> dict:
   def search_and_derive():
     tick = time.time()
     shared = run_pretrain(exp)
-    search, step_times = run_search(exp, shared)
-    result = run_derive(exp, search)
+    if exp.config.search.method == 'alternating':
+      result, step_times = run_alternating(exp, shared)
+    else:
+      search, step_times = run_search(exp, shared)
+      result = run_derive(exp, search)
     result['search_seconds'] = time.time() - tick
     result['supernet_step_s'] = _median(step_times)
     return result
@@ -629,13 +860,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   exp = setup(config, workdir)
   baseline = exp.space.baseline()
   if config.arch:
-    arch = baseline if config.arch == 'baseline' else exp.space.validate(config.arch.split(','))
+    arch = exp.parse_arch(config.arch)
     derived = None
   else:
     derived = _searched(exp)
     arch = exp.space.validate(derived['best']['arch'])
   _write_json(os.path.join(workdir, 'arch.json'), {
-      'space': exp.space.name, 'nodes': [n.name for n in exp.space.nodes],
+      'space': exp.space.name, 'nodes': exp.node_names,
       'arch': exp.space.names(arch), 'op_indices': list(arch),
       'valid_acc': derived['best']['valid_acc'] if derived else None,
       'source': derived['best']['source'] if derived else 'config.arch',

@@ -11,6 +11,20 @@ import os
 from typing import Any
 
 
+def arch_text(arch: list) -> str:
+  """An architecture on one line: op names joined by commas, or for a joint
+  architecture its layers (:func:`node_text`) joined by ``'; '``."""
+  return ('; ' if arch and isinstance(arch[0], dict) else ',').join(node_text(a) for a in arch)
+
+
+def node_text(entry) -> str:
+  """One node of a readable architecture: an op name, or a joint layer
+  ``{'op', 'skips'}`` as ``op <- stem + layer1`` (the op alone without skips)."""
+  if isinstance(entry, dict):
+    return entry['op'] + (' <- ' + ' + '.join(entry['skips']) if entry['skips'] else '')
+  return str(entry)
+
+
 def _change(new: float | None, old: float | None) -> float | None:
   """Relative change in percent, ``100 (new - old) / old``."""
   if new is None or old is None or old == 0:
@@ -41,7 +55,7 @@ def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
       'dataset': exp.config.dataset.name,
       'space': exp.space.name,
       'width': exp.config.model.width,
-      'nodes': [n.name for n in exp.space.nodes],
+      'nodes': exp.node_names,
       'baseline': entry(base_arch, baseline,
                         derived['baseline']['valid_acc'] if derived else None),
       'refined': entry(arch, refined, derived['best']['valid_acc'] if derived else None),
@@ -55,6 +69,8 @@ def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
         'supernet_step_s': derived['supernet_step_s'],
         'candidates': derived['candidates'],
     }
+    if 'alternating' in derived:
+      result['alternating'] = derived['alternating']
     fixed = result['refined']['retrain_step_s']
     if derived['supernet_step_s'] and fixed:
       result['search']['supernet_over_fixed_step'] = derived['supernet_step_s'] / fixed
@@ -102,7 +118,14 @@ def markdown(result: dict[str, Any]) -> str:
         '',
     ]
   for node, op_b, op_r in zip(result['nodes'], b['arch'], r['arch']):
-    lines.append(f'| {node} | {op_b} | {op_r if op_r == op_b else f"**{op_r}**"} |')
+    text_b, text_r = node_text(op_b), node_text(op_r)
+    lines.append(f'| {node} | {text_b} | {text_r if op_r == op_b else f"**{text_r}**"} |')
+  if isinstance(r['arch'][0], dict):
+    lines += ['', "Joint architectures: each layer's operator, then (after `<-`) the earlier "
+              "outputs added to it by skip connections (`stem` is the stem's output, "
+              "`layer{t}` layer t's)."]
+  if 'alternating' in result:
+    lines += _alternating_lines(result['alternating'])
   if 'search' in result:
     s = result['search']
     lines += [
@@ -120,6 +143,20 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f'| {c["source"]} | {c["valid_acc"]:.4f} | {c["log_prob"]:.2f} |'
               for c in s['candidates']]
   return '\n'.join(lines) + '\n'
+
+
+def _alternating_lines(alt: dict[str, Any]) -> list[str]:
+  """The alternating search's expected-reward sequence (:mod:`nar_jax.alternating`)."""
+  lines = ['', '## Alternating search (eq. 9-11)', '',
+           f'Stopped: {alt["stopped"]}. ER of a phase = validation accuracy (shared weights) of '
+           'the architecture it keeps; the incumbent is always a candidate.', '',
+           '| step | phase | round | ER | incumbent before | improved | architecture kept |',
+           '| ---: | --- | ---: | ---: | ---: | --- | --- |']
+  for i, h in enumerate(alt['history']):
+    lines.append(f'| {i + 1} | {h["phase"]} | {h["round"]} | {h["er"]:.4f} | '
+                 f'{h["incumbent_reward"]:.4f} | {"yes" if h["improved"] else "no"} | '
+                 f'{arch_text(h["arch"])} |')
+  return lines
 
 
 def _verification_row(name: str, base: dict | None, refined: dict | None) -> str:
