@@ -161,6 +161,8 @@ def test_face_config_errors_are_clear(tmp_path):
     config_lib.validate(smoke_config(**{'search.reward': 'verification'}))
   with pytest.raises(ValueError, match='IR base'):
     config_lib.validate(smoke_config(**{'dataset.name': 'mnist5k'}))
+  with pytest.raises(ValueError, match='scan_epoch'):
+    config_lib.validate(smoke_config(scan_epoch=True))
   with pytest.raises(ValueError, match='data_dir'):
     config_lib.validate(smoke_config(**{'dataset.name': 'faces'}))
   with pytest.raises(ValueError, match="'ir18', 'ir34'"):
