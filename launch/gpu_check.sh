@@ -3,15 +3,25 @@
 #
 #   launch/gpu_check.sh [OUT_DIR]        (default: gpu_check/)
 #
-# Writes OUT_DIR/bench.jsonl (one JSON line per case), OUT_DIR/tests.log and
-# OUT_DIR/env.txt. Expects a Python with jax[cuda], flax, optax, chex,
-# orbax-checkpoint and ml-collections (PYTHON, default python3). Budget: ~5 minutes.
+# Writes OUT_DIR/bench.jsonl (one JSON line per case, appended as each case ends),
+# OUT_DIR/bench_<group>.log, OUT_DIR/tests.log and OUT_DIR/env.txt. Expects a Python
+# with jax[cuda], flax, optax, chex, orbax-checkpoint and ml-collections (PYTHON,
+# default python3). SKIP_TESTS=1 runs the benchmark only. Budget: ~5 minutes.
+#
+# Benchmark cases, one process each, run concurrently: they compile in parallel and
+# take turns on the GPU for every timed section (nar_jax.bench --lock), so that each
+# figure is timed alone:
+#   * the default accelerator cases: r18_w16, r18_w64 (batch 64, float32) and the
+#     IR-50 face supernet ir50 (112x112, batch 64, float32);
+#   * the face search's own setting: ir50, batch 256, bfloat16 (one paired architecture);
+#   * r18_w64 at batch 256, float32 then bfloat16.
 set -uo pipefail
-out=${1:-gpu_check}
+out=$(realpath -m "${1:-gpu_check}")
 py=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # six processes share the GPU's memory
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
@@ -21,12 +31,25 @@ cat "$out/env.txt"
 
 # Numerics on the accelerator: conv2d vs XLA's convolution, supernet == fixed network,
 # mixed precision. (Multi-device equivalence runs on fake CPU devices in CI.)
-timeout 150 $py -m pytest -q -x -p no:cacheprovider tests/test_ops.py tests/test_models.py \
-  tests/test_precision.py 2>&1 | tee "$out/tests.log" | tail -n 5
+if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+  timeout 150 $py -m pytest -q -x -p no:cacheprovider tests/test_ops.py tests/test_models.py \
+    tests/test_precision.py 2>&1 | tee "$out/tests.log" | tail -n 5
+fi
 
-# Benchmark: default cases, then bf16 and batch 256 at full width.
-rm -f "$out/bench.jsonl"
-timeout 120 $py -m nar_jax.bench --cases=r18_w16,r18_w64 --batch=64 --steps=10 --out="$out/bench.jsonl"
-timeout 60 $py -m nar_jax.bench --cases=r18_w64 --batch=256 --steps=10 --out="$out/bench.jsonl"
-timeout 60 $py -m nar_jax.bench --cases=r18_w64 --batch=256 --steps=10 --dtype=bfloat16 --out="$out/bench.jsonl"
+rm -f "$out/bench.jsonl" "$out/bench.lock"
+bench() {  # bench <log name> <bench flags...>
+  local name=$1
+  shift
+  timeout "${BENCH_TIMEOUT:-270}" $py -m nar_jax.bench --lock="$out/bench.lock" \
+    --out="$out/bench.jsonl" "$@" > "$out/bench_$name.log" 2>&1
+}
+bench ir50_b64 --cases=ir50 --batch=64 --steps=10 &
+bench ir50_b256_bf16 --cases=ir50 --batch=256 --steps=5 --archs=1 --dtype=bfloat16 &
+bench r18_w16_b64 --cases=r18_w16 --batch=64 --steps=10 &
+bench r18_w64_b64 --cases=r18_w64 --batch=64 --steps=10 &
+bench r18_w64_b256 --cases=r18_w64 --batch=256 --steps=10 &
+bench r18_w64_b256_bf16 --cases=r18_w64 --batch=256 --steps=10 --dtype=bfloat16 &
+wait
+tail -n 2 "$out"/bench_*.log
 echo "figures: $out/bench.jsonl"
+cat "$out/bench.jsonl"

@@ -2,13 +2,31 @@
 
   python -m nar_jax.bench                         # default cases, JSON line per case
   python -m nar_jax.bench --cases=r18_w64 --batch=128 --dtype=bfloat16 --out=bench.jsonl
+  python -m nar_jax.bench --cases=ir50 --batch=64  # the IR-50 face supernet, 112x112
+
+Cases are ``<network>[_w<stem channels>]`` (64 stem channels by default, the full
+width; :func:`parse_case`):
+
+* ``r18_w16``, ``r18_w64``: the ResNet-18-16 supernet (conv granularity, 10 classes)
+  on 32x32 inputs (CIFAR's mean/std, pad-4 crops and flips);
+* ``ir50``: the LResNet50E-IR face supernet (48 nodes, ArcFace margin head over the
+  proxy task's 4,000 identities, dropout) on 112x112 faces (mean 127.5, std 128,
+  flips only); ``ir50_w16`` is the same at a quarter of the width, ``ir18`` ... other
+  IR depths. Its search loop is the step loop: face data is decoded lazily, so the
+  pipeline rejects ``scan_epoch`` for faces.
+
+Default cases: ``r18_w16,r18_w64`` on CPU (an IR-50 supernet at 112x112 takes many
+minutes to compile and ~1 min per step there), ``r18_w16,r18_w64,ir50`` on
+accelerators.
 
 Each case prints one JSON object with:
 
 * ``supernet_step_s``: median time of a supernet train step, a fresh controller-sampled
   architecture every step (after a warm-up step);
 * ``fixed_step_s``: median time of the plain network's train step, over the same
-  random architectures that ``paired_supernet_step_s`` times in the supernet;
+  random architectures that ``paired_supernet_step_s`` times in the supernet (the
+  supernet step is compiled once: sampled and given architectures are the two
+  branches of one ``lax.cond`` inside it);
 * ``ratio``: ``paired_supernet_step_s / fixed_step_s`` (same architectures, same batch);
 * ``compile_s``: the supernet train step's first call (trace + compile + run);
 * ``ratio_cpu``, ``compile_cpu_s``: the same from process CPU time (all threads), which
@@ -27,10 +45,13 @@ Figures are measured on whatever machine runs this; compare ratios from one run.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
+import re
 import resource
 import statistics
-import sys
 import time
 
 import jax
@@ -41,61 +62,126 @@ from absl import app
 from absl import flags
 
 from nar_jax import config as config_lib
-from nar_jax import controller, data, ops, pipeline, train
+from nar_jax import controller, data, margins, ops, pipeline, train
+from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet
-from nar_jax.space import resnet_space
+from nar_jax.space import SearchSpace, ir_space, resnet_space
 
-_CASES = flags.DEFINE_list('cases', ['r18_w16', 'r18_w64'],
-                           'Cases: r18_w<base width>, e.g. r18_w16 (ResNet-18-16 with 16 stem channels).')
+_CASES = flags.DEFINE_list('cases', None,
+                           'Cases <network>[_w<stem channels>]: r18_w16, r18_w64, ir50, ir50_w16, '
+                           '... (default: r18_w16,r18_w64 on CPU, also ir50 on accelerators).')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size.')
-_IMAGE = flags.DEFINE_integer('image', 32, 'Image height and width.')
+_IMAGE = flags.DEFINE_integer('image', None, 'Image height and width (default: 32 for r18, '
+                              '112 for IR cases).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (after one warm-up).')
 _ARCHS = flags.DEFINE_integer('archs', 2, 'Random architectures timed as fixed networks.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _OUT = flags.DEFINE_string('out', None, 'Also append the JSON lines to this file.')
-_LOOP = flags.DEFINE_enum('loop', 'scan', ['scan', 'step'],
+_LOOP = flags.DEFINE_enum('loop', None, ['scan', 'step'],
                           'Search loop timed for search_loop_overhead: one lax.scan per epoch '
-                          '(config.scan_epoch) or one jitted call per step.')
+                          '(config.scan_epoch) or one jitted call per step (default: scan for '
+                          'r18, step for IR cases, whose face data the pipeline never scans).')
 _NOTE = flags.DEFINE_string('note', None, 'Free text stored in each JSON line as "note".')
+_LOCK = flags.DEFINE_string('lock', None,
+                            'A file locked (flock) around every timed section, so that several '
+                            'bench processes sharing one accelerator compile concurrently but '
+                            'time their steps alone; first calls (compiles) stay outside it.')
+
+CPU_CASES = ('r18_w16', 'r18_w64')
+ACCELERATOR_CASES = ('r18_w16', 'r18_w64', 'ir50')
+FACE_CLASSES = 4000  # the face search's proxy task (config.dataset.proxy.num_identities)
 
 
-def _timed(fn, steps: int, cpu: dict | None = None, name: str = '') -> tuple[float, float]:
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A parsed benchmark case: the network, its search space and data conventions."""
+
+  name: str
+  face: bool
+  space: SearchSpace
+  num_classes: int
+  image: int                                    # default height and width
+  stats: dict                                   # normalisation and augmentation
+  loop: str                                     # default search loop
+
+
+def parse_case(case: str) -> Case:
+  """``'r18_w<C>'`` or ``'ir<depth>[_w<C>]'`` (``C`` stem channels, 64 = full width)."""
+  match = re.fullmatch(r'(r18|ir(\d+))(?:_w(\d+))?', case)
+  if match is None or (match.group(3) is not None and int(match.group(3)) <= 0):
+    raise ValueError(f'unknown case {case!r}; use r18_w<stem channels> (e.g. r18_w64) or '
+                     f'ir<depth>[_w<stem channels>] (e.g. ir50, ir50_w16)')
+  width = int(match.group(3) or 64) / 64
+  if match.group(2) is None:
+    return Case(case, False, resnet_space('resnet18', 'conv', width), 10, 32,
+                dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True), 'scan')
+  return Case(case, True, ir_space(int(match.group(2)), width), FACE_CLASSES, 112,
+              dict(mean=(127.5 / 255,) * 3, std=(128 / 255,) * 3, crop_padding=0, flip=True),
+              'step')
+
+
+def default_cases(platform: str) -> tuple[str, ...]:
+  """The cases run without ``--cases`` on ``platform`` (``jax.devices()[0].platform``)."""
+  return CPU_CASES if platform == 'cpu' else ACCELERATOR_CASES
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | None):
+  """Holds an exclusive ``flock`` on ``lock_path`` (created if missing); no-op for ``None``."""
+  if lock_path is None:
+    yield
+    return
+  with open(lock_path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _timed(fn, steps: int, cpu: dict | None = None, name: str = '',
+           lock: str | None = None) -> tuple[float, float]:
   """``(first call s, median of steps timed calls s)``; ``fn`` must block.
 
   With ``cpu``, also stores the process CPU time (all threads) of the first call and
   the median of the timed calls under ``cpu[name]``: on a machine shared with other
-  jobs it grows far less than wall time does.
+  jobs it grows far less than wall time does. The timed calls run under
+  :func:`exclusive` ``(lock)``; the first call does not.
   """
   tick, cpu_tick = time.perf_counter(), time.process_time()
   fn()
   first, cpu_first = time.perf_counter() - tick, time.process_time() - cpu_tick
   times, cpu_times = [], []
-  for _ in range(steps):
-    tick, cpu_tick = time.perf_counter(), time.process_time()
-    fn()
-    times.append(time.perf_counter() - tick)
-    cpu_times.append(time.process_time() - cpu_tick)
+  with exclusive(lock):
+    for _ in range(steps):
+      tick, cpu_tick = time.perf_counter(), time.process_time()
+      fn()
+      times.append(time.perf_counter() - tick)
+      cpu_times.append(time.process_time() - cpu_tick)
   if cpu is not None:
     cpu[name] = (cpu_first, statistics.median(cpu_times))
   return first, statistics.median(times)
 
 
-def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtype: str,
-             loop: str = 'scan') -> dict:
-  """Measures one case; see the module docstring for the fields."""
-  if not case.startswith('r18_w'):
-    raise ValueError(f'unknown case {case!r}; use r18_w<width>, e.g. r18_w64')
-  base_width = int(case[len('r18_w'):])
-  space = resnet_space('resnet18', 'conv', base_width / 64)
+def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
+             image: int | None = None, loop: str | None = None, lock: str | None = None) -> dict:
+  """Measures one case (:func:`parse_case`); see the module docstring for the fields.
+
+  ``image`` and ``loop`` default to the case's (32 / 112 pixels; scan / step loop);
+  ``lock``: see :func:`exclusive`.
+  """
+  c = parse_case(case)
+  image = image or c.image
+  loop = loop or c.loop
+  space, stats = c.space, c.stats
   mesh = train.make_mesh()
   train.check_batch_size(batch, mesh)
   compute_dtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
   mask = space.candidate_mask()
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, image, image, 3), dtype=np.uint8)
-  labels = rng.integers(0, 10, (batch,), dtype=np.int32)
+  labels = rng.integers(0, c.num_classes, (batch,), dtype=np.int32)
   x, y = train.shard(mesh, images), train.shard(mesh, labels)
-  stats = dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True)
   opt = config_lib.base_config().child.optimizer
   tx = train.child_optimizer(opt, 100)
   key = jax.random.PRNGKey(0)
@@ -103,35 +189,50 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
   def block(out):
     jax.block_until_ready(out)
 
-  supernet = ResNet(space, 10, dtype=compute_dtype, bn_axis_name=train.DATA_AXIS)
+  def network(arch=None):
+    if c.face:
+      return IResNet(space, c.num_classes, arch=arch, margin=margins.Margin.arcface(),
+                     dtype=compute_dtype, bn_axis_name=train.DATA_AXIS)
+    return ResNet(space, c.num_classes, arch=arch, dtype=compute_dtype,
+                  bn_axis_name=train.DATA_AXIS)
+
+  supernet = network()
   state0 = train.replicate(mesh, train.create_train_state(
       key, supernet, (image, image, 3), tx, jnp.asarray(space.baseline())))
   ctrl = train.replicate(mesh, controller.init(key, len(ops.OP_NAMES)))
   jmask = jnp.asarray(mask)
-  sampled_step = train.make_train_step(
-      supernet, tx, mesh, **stats,
-      sample_arch=lambda k, p: controller.sample(p, k, jmask).arch)
+
+  # One compiled supernet step serves the controller-sampled architectures and the
+  # given ones (``lax.cond`` runs only the taken branch).
+  def sample_or_given(k, p):
+    return jax.lax.cond(p['given'], lambda: p['arch'],
+                        lambda: controller.sample(p['ctrl'], k, jmask).arch)
+
+  supernet_step = train.make_train_step(supernet, tx, mesh, **stats, sample_arch=sample_or_given)
+  sampler = {'ctrl': ctrl, 'arch': jnp.asarray(space.baseline(), jnp.int32),
+             'given': jnp.asarray(False)}
   holder = {'state': state0}
 
   def sampled():
-    holder['state'], m = sampled_step(holder['state'], x, y, key, ctrl)
+    holder['state'], m = supernet_step(holder['state'], x, y, key, sampler)
     block(m)
 
   cpu = {}
-  compile_s, supernet_step_s = _timed(sampled, steps, cpu, 'supernet')
+  compile_s, supernet_step_s = _timed(sampled, steps, cpu, 'supernet', lock)
 
   # Paired: the same random architectures as supernet steps and as fixed networks.
-  given_step = train.make_train_step(supernet, tx, mesh, **stats, sample_arch=lambda k, p: p)
   archs = [tuple(int(a) for a in controller.uniform_sample(jax.random.PRNGKey(i), jmask))
            for i in range(num_archs)]
   paired, fixed, paired_cpu, fixed_cpu = [], [], [], []
   for arch in archs:
-    def super_run(arch=arch):
-      holder['state'], m = given_step(holder['state'], x, y, key, jnp.asarray(arch))
+    given = dict(sampler, arch=jnp.asarray(arch, jnp.int32), given=jnp.asarray(True))
+
+    def super_run(given=given):
+      holder['state'], m = supernet_step(holder['state'], x, y, key, given)
       block(m)
-    paired.append(_timed(super_run, steps, cpu, 'paired')[1])
+    paired.append(_timed(super_run, steps, cpu, 'paired', lock)[1])
     paired_cpu.append(cpu['paired'][1])
-    net = ResNet(space, 10, arch=arch, dtype=compute_dtype, bn_axis_name=train.DATA_AXIS)
+    net = network(arch)
     fixed_state = {'s': train.replicate(mesh, train.create_train_state(
         key, net, (image, image, 3), tx, None))}
     fixed_step = train.make_train_step(net, tx, mesh, **stats, sample_arch=None)
@@ -139,29 +240,30 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
     def fixed_run():
       fixed_state['s'], m = fixed_step(fixed_state['s'], x, y, key, None)
       block(m)
-    fixed.append(_timed(fixed_run, steps, cpu, 'fixed')[1])
+    fixed.append(_timed(fixed_run, steps, cpu, 'fixed', lock)[1])
     fixed_cpu.append(cpu['fixed'][1])
 
   # Controller update: num_aggregate architectures rewarded on validation minibatches.
-  c = config_lib.base_config().search.controller
-  ctx = train.controller_optimizer(c)
+  cc = config_lib.base_config().search.controller
+  ctx = train.controller_optimizer(cc)
   ctrl_state = train.replicate(mesh, train.create_controller_state(
-      key, len(ops.OP_NAMES), c.hidden, c.init_range, ctx))
+      key, len(ops.OP_NAMES), cc.hidden, cc.init_range, ctx))
   update = train.make_controller_update(
       supernet, ctx, mesh, mask=mask, mean=stats['mean'], std=stats['std'],
-      tanh_constant=c.tanh_constant, entropy_weight=c.entropy_weight,
-      baseline_decay=c.baseline_decay)
-  valid_x = train.shard(mesh, np.broadcast_to(images, (c.num_aggregate, *images.shape)).copy(), 1)
-  valid_y = train.shard(mesh, np.broadcast_to(labels, (c.num_aggregate, batch)).copy(), 1)
+      tanh_constant=cc.tanh_constant, entropy_weight=cc.entropy_weight,
+      baseline_decay=cc.baseline_decay)
+  valid_x = train.shard(mesh, np.broadcast_to(images, (cc.num_aggregate, *images.shape)).copy(), 1)
+  valid_y = train.shard(mesh, np.broadcast_to(labels, (cc.num_aggregate, batch)).copy(), 1)
   ctrl_holder = {'s': ctrl_state}
 
   def controller_run():
     ctrl_holder['s'], m = update(ctrl_holder['s'], holder['state'].variables, valid_x, valid_y, key)
     block(m)
 
-  _, controller_update_s = _timed(controller_run, max(2, steps // 2))
+  _, controller_update_s = _timed(controller_run, max(2, steps // 2), lock=lock)
 
-  # The pipeline's own training loop over an in-memory split, per step.
+  # The pipeline's own training loop over an in-memory split, per step (the step loop
+  # reuses the compiled supernet step; a scan epoch compiles on its first call).
   loop_steps = max(steps, 5)
   split = data.Split(np.concatenate([images] * loop_steps), np.concatenate([labels] * loop_steps))
   cfg = ml_collections.ConfigDict({'log_every_steps': loop_steps, 'seed': 0,
@@ -169,18 +271,20 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
   log = pipeline.Log(workdir='', verbose=False)
   exp = pipeline.Experiment(cfg, '', None, space, mesh, log, key)
   progress = pipeline.Progress(log, 'bench', loop_steps * 2)
-  for epoch in range(2 if loop == 'scan' else 1):  # a scan epoch compiles on its first call
-    tick = time.perf_counter()
-    holder['state'], stats = pipeline.train_epoch(exp, sampled_step, holder['state'], split,
-                                                  batch, epoch, key, ctrl, progress)
-    loop_total = time.perf_counter() - tick
+  for epoch in range(2 if loop == 'scan' else 1):
+    # Timed alone: the scan's second epoch; the step loop after its first (compiled) step.
+    with exclusive(lock if loop == 'step' or epoch == 1 else None):
+      tick = time.perf_counter()
+      holder['state'], epoch_stats = pipeline.train_epoch(
+          exp, supernet_step, holder['state'], split, batch, epoch, key, sampler, progress)
+      loop_total = time.perf_counter() - tick
   if loop == 'scan':
     loop_step_s = loop_total / loop_steps
   else:
-    loop_step_s = (loop_total - stats['first_step_s']) / (loop_steps - 1)
+    loop_step_s = (loop_total - epoch_stats['first_step_s']) / (loop_steps - 1)
 
   result = {
-      'case': case, 'batch': batch, 'width': base_width, 'image': image, 'dtype': dtype,
+      'case': case, 'batch': batch, 'width': space.stem_channels, 'image': image, 'dtype': dtype,
       'devices': mesh.devices.size, 'platform': jax.devices()[0].platform,
       'supernet_step_s': supernet_step_s,
       'paired_supernet_step_s': statistics.median(paired),
@@ -203,9 +307,12 @@ def run_case(case: str, batch: int, image: int, steps: int, num_archs: int, dtyp
 
 def main(argv):
   del argv
-  for case in _CASES.value:
-    result = run_case(case, _BATCH.value, _IMAGE.value, _STEPS.value, _ARCHS.value, _DTYPE.value,
-                      _LOOP.value)
+  cases = _CASES.value or default_cases(jax.devices()[0].platform)
+  for case in cases:
+    parse_case(case)  # Fail on a bad name before measuring anything.
+  for case in cases:
+    result = run_case(case, _BATCH.value, _STEPS.value, _ARCHS.value, _DTYPE.value,
+                      _IMAGE.value, _LOOP.value, _LOCK.value)
     if _NOTE.value:
       result['note'] = _NOTE.value
     line = json.dumps(result)

@@ -1,0 +1,61 @@
+"""Benchmark cases and the lock that times concurrent benchmark processes one at a time."""
+
+from __future__ import annotations
+
+import fcntl
+
+import pytest
+
+from nar_jax import bench
+
+
+def test_resnet_case_is_the_cifar_resnet18_supernet():
+  case = bench.parse_case('r18_w16')
+  assert not case.face
+  assert case.space.name.startswith('resnet18') and case.space.stem_channels == 16
+  assert (case.num_classes, case.image, case.loop) == (10, 32, 'scan')
+  assert bench.parse_case('r18').space.stem_channels == 64
+
+
+def test_face_case_is_the_ir50_supernet_with_face_conventions():
+  case = bench.parse_case('ir50')
+  assert case.face and case.space.family == 'ir'
+  assert case.space.num_nodes == 48 and case.space.stem_channels == 64
+  assert (case.num_classes, case.image, case.loop) == (4000, 112, 'step')
+  assert case.stats['mean'] == (127.5 / 255,) * 3 and case.stats['std'] == (128 / 255,) * 3
+  assert case.stats['crop_padding'] == 0
+  narrow = bench.parse_case('ir50_w16')
+  assert narrow.space.stem_channels == 16 and narrow.space.num_nodes == 48
+  assert bench.parse_case('ir18_w8').space.num_nodes == 16
+
+
+@pytest.mark.parametrize('name', ['r50_w16', 'r18_w0', 'r18_wx', 'ir50_', 'ir7', ''])
+def test_bad_case_names_raise(name):
+  with pytest.raises(ValueError):
+    bench.parse_case(name)
+
+
+def test_default_cases_add_the_face_supernet_on_accelerators_only():
+  assert bench.default_cases('cpu') == ('r18_w16', 'r18_w64')
+  assert bench.default_cases('gpu') == ('r18_w16', 'r18_w64', 'ir50')
+  for name in bench.default_cases('tpu'):
+    bench.parse_case(name)
+
+
+def test_exclusive_holds_the_lock_until_the_block_ends(tmp_path):
+  path = str(tmp_path / 'bench.lock')
+
+  def try_lock():
+    with open(path, 'a') as f:  # a second open file description: flock conflicts
+      try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        return False
+      fcntl.flock(f, fcntl.LOCK_UN)
+      return True
+
+  with bench.exclusive(path):
+    assert not try_lock()
+  assert try_lock()
+  with bench.exclusive(None):
+    assert try_lock()
