@@ -8,13 +8,15 @@
 # with jax[cuda], flax, optax, chex, orbax-checkpoint and ml-collections (PYTHON,
 # default python3). SKIP_TESTS=1 runs the benchmark only. Budget: ~5 minutes.
 #
-# Benchmark cases, one process each, run concurrently: they compile in parallel and
-# take turns on the GPU for every timed section (nar_jax.bench --lock), so that each
-# figure is timed alone:
+# Benchmark cases, one process each, run concurrently (BENCH_PARALLEL=0: one after
+# another, several times longer): they compile in parallel and take turns on the GPU for every
+# timed section (nar_jax.bench --lock). Compiles and first calls stay outside the
+# lock, and XLA's GPU autotuning runs kernels while compiling, so concurrent figures
+# are noisier than sequential ones:
 #   * the default accelerator cases: r18_w16, r18_w64 (batch 64, float32) and the
 #     IR-50 face supernet ir50 (112x112, batch 64, float32);
 #   * the face search's own setting: ir50, batch 256, bfloat16 (one paired architecture);
-#   * r18_w64 at batch 256, float32 then bfloat16.
+#   * r18_w64 at batch 256, float32 and bfloat16.
 set -uo pipefail
 out=$(realpath -m "${1:-gpu_check}")
 py=${PYTHON:-python3}
@@ -37,18 +39,21 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
 fi
 
 rm -f "$out/bench.jsonl" "$out/bench.lock"
-bench() {  # bench <log name> <bench flags...>
+run_bench() {  # run_bench <log name> <bench flags...>
   local name=$1
   shift
   timeout "${BENCH_TIMEOUT:-270}" $py -m nar_jax.bench --lock="$out/bench.lock" \
     --out="$out/bench.jsonl" "$@" > "$out/bench_$name.log" 2>&1
 }
-bench ir50_b64 --cases=ir50 --batch=64 --steps=10 &
-bench ir50_b256_bf16 --cases=ir50 --batch=256 --steps=5 --archs=1 --dtype=bfloat16 &
-bench r18_w16_b64 --cases=r18_w16 --batch=64 --steps=10 &
-bench r18_w64_b64 --cases=r18_w64 --batch=64 --steps=10 &
-bench r18_w64_b256 --cases=r18_w64 --batch=256 --steps=10 &
-bench r18_w64_b256_bf16 --cases=r18_w64 --batch=256 --steps=10 --dtype=bfloat16 &
+bench() {  # in the background unless BENCH_PARALLEL=0
+  if [[ "${BENCH_PARALLEL:-1}" == 0 ]]; then run_bench "$@"; else run_bench "$@" & fi
+}
+bench ir50_b64 --cases=ir50 --batch=64 --steps=10
+bench ir50_b256_bf16 --cases=ir50 --batch=256 --steps=5 --archs=1 --dtype=bfloat16
+bench r18_w16_b64 --cases=r18_w16 --batch=64 --steps=10
+bench r18_w64_b64 --cases=r18_w64 --batch=64 --steps=10
+bench r18_w64_b256 --cases=r18_w64 --batch=256 --steps=10
+bench r18_w64_b256_bf16 --cases=r18_w64 --batch=256 --steps=10 --dtype=bfloat16
 wait
 tail -n 2 "$out"/bench_*.log
 echo "figures: $out/bench.jsonl"
