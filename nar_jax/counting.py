@@ -6,8 +6,10 @@ BatchNorm scale and bias, PReLU slopes, dense weights and bias). Both come from 
 operator recipes in :mod:`nar_jax.ops`, the same definitions the modules are built from.
 
 The classifier is counted with ``num_classes`` outputs and vanishes for
-``num_classes=0``: a basic-block ResNet's dense head (weights and bias), an IR
-network's margin head (``num_classes x embedding_size`` class weights, no bias).
+``num_classes=0``: a basic-block ResNet's or macro network's dense head (weights and
+bias), a face network's margin head (``num_classes x embedding_size`` class weights,
+no bias). Face networks (IR, and ``head='face'`` ResNets and macro networks) also
+count their "E" output (:func:`count_face_head`).
 ArcFace's reference figures (about 43.6M params and 6.31 G MACs for IR-50 at
 112x112) exclude the classifier: count them with ``num_classes=0``.
 """
@@ -34,8 +36,19 @@ def count_dense(in_features: int, out_features: int, bias: bool = True) -> ops.C
   return ops.Counts(weights + (out_features if bias else 0), weights)
 
 
+def count_face_head(hw: tuple[int, int], channels: int, embedding_size: int,
+                    num_classes: int) -> ops.Counts:
+  """:class:`~nar_jax.models.face_head.FaceHead` on an ``hw`` feature map of ``channels``:
+  the "E" output (BN -> Dropout -> flatten -> Dense -> BN with its scale fixed to 1, so
+  bias only) and the margin head's ``num_classes x embedding_size`` class weights."""
+  features = hw[0] * hw[1] * channels
+  return (ops.count_bn(channels) + count_dense(features, embedding_size)
+          + ops.Counts(embedding_size, 0) + count_dense(embedding_size, num_classes, bias=False))
+
+
 def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: tuple[int, int],
-                       in_channels: int, num_classes: int) -> ops.Counts:
+                       in_channels: int, num_classes: int,
+                       embedding_size: int | None = None) -> ops.Counts:
   """Counts of the fixed network ``arch`` of ``space`` on ``image_hw`` inputs.
 
   Args:
@@ -44,9 +57,14 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
     image_hw: input height and width.
     in_channels: input image channels.
     num_classes: classifier outputs; 0 leaves the classifier out.
+    embedding_size: a basic-block ResNet's face head (``head='face'``) of this many
+      embedding features; ``None`` for its softmax head. IR networks always have the
+      face head of ``space.embedding_size`` and must leave it ``None``.
   """
   arch = space.validate(arch)
   ir = space.family == 'ir'
+  if ir and embedding_size is not None:
+    raise ValueError('IR networks embed with space.embedding_size; pass embedding_size=None')
   hw = tuple(image_hw)
   stem = ops.ConvLayer(3, in_channels, space.stem_channels)
   total = ops.count_conv(stem, hw) + ops.count_bn(space.stem_channels)
@@ -76,27 +94,29 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
       hw = body_hw
       channels = stage.channels
   if ir:
-    # "E" output: BN -> Dropout -> flatten -> Dense -> BN (scale fixed to 1: bias only).
-    features = hw[0] * hw[1] * channels
-    total += (ops.count_bn(channels) + count_dense(features, space.embedding_size)
-              + ops.Counts(space.embedding_size, 0))
-    return total + count_dense(space.embedding_size, num_classes, bias=False)
+    embedding_size = space.embedding_size
+  if embedding_size is not None:
+    return total + count_face_head(hw, channels, embedding_size, num_classes)
   return total + count_dense(channels, num_classes)
 
 
 def count_joint_architecture(space: JointSpace, arch: Sequence[Any], image_hw: tuple[int, int],
-                             in_channels: int, num_classes: int) -> ops.Counts:
+                             in_channels: int, num_classes: int,
+                             embedding_size: int | None = None) -> ops.Counts:
   """Counts of the fixed ENAS macro network of joint ``arch`` (:class:`nar_jax.models.macro.MacroNet`).
 
   Stem conv3x3 + BN; per layer of ``c`` channels a branch ``1x1 conv + BN``, then the
   operator (``c -> c``, stride 1), and for layers after the first the post-skip BN
   (skip additions cost nothing here); at each pool layer one factorized reduction
   (two 1x1 convs to ``c' / 2`` on the stride-2 grid, BN) per output the architecture
-  still reads (:func:`nar_jax.joint.needed_reductions`); the dense head.
+  still reads (:func:`nar_jax.joint.needed_reductions`); the dense head, or the face
+  head (:func:`count_face_head`) on the last layer's output.
 
   Args:
     space: the joint space; ``arch``: flat or readable joint architecture (validated).
     image_hw, in_channels, num_classes: as :func:`count_architecture`.
+    embedding_size: the face head's embedding features (``head='face'``); ``None``
+      for the softmax head.
   """
   _, skips = joint.split(np.asarray(space.validate(arch)), space.num_layers)
   ops_ = [entry['op'] for entry in space.names(arch)]
@@ -105,6 +125,7 @@ def count_joint_architecture(space: JointSpace, arch: Sequence[Any], image_hw: t
   channels = space.stage_channels(0)
   total = ops.count_conv(ops.ConvLayer(3, in_channels, channels), hw) + ops.count_bn(channels)
   for j, op in enumerate(ops_):
+    last_hw, last_channels = hw, channels  # the head reads the last layer's output
     total += ops.count_conv(ops.ConvLayer(1, channels, channels), hw) + ops.count_bn(channels)
     total += ops.count_op(op, channels, channels, 1, hw)[0]
     if j > 0:
@@ -118,4 +139,6 @@ def count_joint_architecture(space: JointSpace, arch: Sequence[Any], image_hw: t
       for _ in range(int(np.sum(needed[k]))):
         total += reduction
       channels = out
-  return total + count_dense(channels, num_classes)
+  if embedding_size is not None:
+    return total + count_face_head(last_hw, last_channels, embedding_size, num_classes)
+  return total + count_dense(last_channels, num_classes)

@@ -18,6 +18,10 @@ version_output='E'``; DESIGN.md section 5), every BatchNorm with eps 2e-5:
 * classifier: :class:`~nar_jax.margins.CosineHead` (``head/weight``) and the margin of
   :mod:`nar_jax.margins`.
 
+The output and classifier are :class:`nar_jax.models.face_head.FaceHead`, run in this
+module's scope (variables ``output_bn``, ``embedding_dense``, ``embedding_bn``,
+``head/weight``).
+
 Dropout draws from the ``'dropout'`` rng stream when ``train=True`` and labels are given:
 ``model.apply(variables, images, op_indices, train=True, labels=labels,
 rngs={'dropout': key}, mutable=['batch_stats'])``. Evaluation (``train=False``) and
@@ -36,11 +40,11 @@ import jax
 import jax.numpy as jnp
 
 from nar_jax import margins, ops
+from nar_jax.models import face_head
 from nar_jax.models.resnet import ChoiceNode
 from nar_jax.space import SearchSpace
 
 BN_EPSILON = 2e-5
-DROPOUT_RATE = 0.4
 PRELU_INIT = 0.25
 
 
@@ -74,7 +78,7 @@ class IResNet(nn.Module):
   num_classes: int
   arch: tuple[int, ...] | None = None
   margin: margins.Margin = margins.Margin.arcface()
-  dropout_rate: float = DROPOUT_RATE
+  dropout_rate: float = face_head.DROPOUT_RATE
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
 
@@ -127,23 +131,11 @@ class IResNet(nn.Module):
         y = run_node(PReLU(name=f'{prefix}_prelu')(y))
         x = y + shortcut
 
-    x = bn('output_bn')(x)
-    # Dropout belongs to the training loss (train=True with labels). A train-mode pass
-    # without labels is train.predict scoring an architecture with batch statistics.
-    x = nn.Dropout(self.dropout_rate, deterministic=not train or labels is None,
-                   name='output_dropout')(x)
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.space.embedding_size, dtype=self.dtype, param_dtype=jnp.float32,
-                 name='embedding_dense')(x)
-    # ArcFace's fc1 BN (fix_gamma=True): no scale parameter, which ops.batch_norm lacks.
-    embedding = nn.BatchNorm(
-        use_running_average=not train, momentum=ops.BN_MOMENTUM, epsilon=BN_EPSILON,
-        use_scale=False, axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
-        param_dtype=jnp.float32, name='embedding_bn')(x).astype(jnp.float32)
-    if embed_only:
-      return embedding
-    cosine = margins.CosineHead(self.num_classes, name='head')(embedding)
-    return margins.margin_logits(cosine, labels, self.margin)
+    head = face_head.FaceHead(self.num_classes, self.space.embedding_size, self.margin,
+                              self.dropout_rate, BN_EPSILON, self.dtype, self.bn_axis_name,
+                              name='face_head')
+    return face_head.face_output(self, head, x, train=train, labels=labels,
+                                 embed_only=embed_only)
 
   def embed(self, images: jax.Array, op_indices: jax.Array | None = None, *,
             train: bool) -> jax.Array:

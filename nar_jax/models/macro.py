@@ -7,7 +7,9 @@ Layout (ENAS ``general_child``, see :mod:`nar_jax.joint` for the notation):
   earlier outputs and, for ``j > 0``, a BatchNorm, giving ``x_{j+1}``;
 * after each pool layer, every output so far goes through its own
   :class:`FactorizedReduction` (stride 2);
-* global average pool of the last layer's output and a dense head.
+* global average pool of the last layer's output and a dense head, or with
+  ``head='face'`` ArcFace's :class:`~nar_jax.models.face_head.FaceHead` on the last
+  layer's output (as :class:`~nar_jax.models.resnet.ResNet`).
 
 Every branch follows ENAS: ``1x1 conv + BN + ReLU`` (``inp_conv``/``inp_bn``), then the
 operator (:class:`nar_jax.ops.Operator`: its convs or pool, then BN), then ReLU.
@@ -43,9 +45,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nar_jax import joint, ops
+from nar_jax import joint, margins, ops
 from nar_jax.joint import JointSpace
-from nar_jax.models import resnet
+from nar_jax.models import face_head, resnet
 
 _REDUCTION = re.compile(r'reduce(\d+)_from(\d+)$')
 
@@ -134,6 +136,9 @@ class MacroNet(nn.Module):
       readable form; validated).
     dtype: compute dtype (parameters and BN statistics stay float32).
     bn_axis_name: mesh axis for synchronised BatchNorm in training, or ``None``.
+    head: ``'softmax'`` (global average pool + Dense ``head``) or ``'face'``
+      (:class:`~nar_jax.models.face_head.FaceHead`, as ``ResNet``'s).
+    margin, embedding_size, dropout_rate: the face head's (unused by ``'softmax'``).
   """
 
   space: JointSpace
@@ -141,17 +146,25 @@ class MacroNet(nn.Module):
   arch: tuple[int, ...] | None = None
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  head: str = 'softmax'
+  margin: margins.Margin = margins.Margin.arcface()
+  embedding_size: int = face_head.EMBEDDING_SIZE
+  dropout_rate: float = face_head.DROPOUT_RATE
 
   @nn.compact
   def __call__(self, images: jax.Array, arch: jax.Array | None = None, *,
-               train: bool, labels: jax.Array | None = None) -> jax.Array:
-    """Logits ``(B, num_classes)`` for ``images (B, H, W, C)``.
+               train: bool, labels: jax.Array | None = None,
+               embed_only: bool = False) -> jax.Array:
+    """Logits ``(B, num_classes)`` float32 for ``images (B, H, W, C)``.
 
     ``arch`` is the flat joint architecture ``(L (L + 1) / 2,)`` int32 for the
-    supernet (may be traced) and must be ``None`` for a fixed network. ``labels`` is
-    accepted for the project's common model signature (softmax logits ignore it).
+    supernet (may be traced) and must be ``None`` for a fixed network. ``labels``
+    and ``embed_only`` as :class:`nar_jax.models.resnet.ResNet` (softmax logits
+    ignore the labels).
     """
-    del labels
+    resnet.check_head(self.head)
+    if embed_only and self.head != 'face':
+      raise ValueError("only head='face' networks have an embedding")
     if (self.arch is None) == (arch is None):
       raise ValueError('pass the architecture to the supernet (arch=None) and only to it')
     sp = self.space
@@ -190,10 +203,24 @@ class MacroNet(nn.Module):
         outputs = [reduce(t, o) if needed is None or needed[k, t] else None
                    for t, o in enumerate(outputs)]
 
+    if self.head == 'face':
+      head = face_head.FaceHead(self.num_classes, self.embedding_size, self.margin,
+                                self.dropout_rate, ops.BN_EPSILON, self.dtype,
+                                self.bn_axis_name, name='face_head')
+      return face_head.face_output(self, head, y, train=train, labels=labels,
+                                   embed_only=embed_only)
     x = jnp.mean(y, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       name='head')(x)
     return logits.astype(jnp.float32)
+
+  def embed(self, images: jax.Array, arch: jax.Array | None = None, *,
+            train: bool) -> jax.Array:
+    """The face embedding ``(B, embedding_size)`` float32 of a ``head='face'`` network.
+
+    Call as ``model.apply(variables, images, [arch], train=False, method='embed')``.
+    """
+    return self(images, arch, train=train, embed_only=True)
 
 
 def _reduction_of(path) -> tuple[int, int] | None:

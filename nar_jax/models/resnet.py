@@ -20,8 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nar_jax import ops
+from nar_jax import margins, ops
+from nar_jax.models import face_head
 from nar_jax.space import Node, SearchSpace
+
+HEADS = ('softmax', 'face')
+"""Output heads of the softmax-family networks (:class:`ResNet`, ``MacroNet``): global
+average pool + Dense, or ArcFace's :class:`~nar_jax.models.face_head.FaceHead`."""
+
+
+def check_head(head: str) -> None:
+  """Raises ``ValueError`` unless ``head`` is one of :data:`HEADS`."""
+  if head not in HEADS:
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
 
 
 class NodeOp(nn.Module):
@@ -85,6 +96,10 @@ class ResNet(nn.Module):
     arch: ``None`` for the supernet, else a validated tuple of op indices (fixed net).
     dtype: compute dtype (parameters and BN statistics stay float32).
     bn_axis_name: mesh axis for synchronised BatchNorm in training, or ``None``.
+    head: ``'softmax'`` (global average pool + Dense ``head``) or ``'face'``
+      (:class:`~nar_jax.models.face_head.FaceHead` on the last feature map: embedding,
+      cosine head and margin, variables as an IR network's; BN eps 1e-5).
+    margin, embedding_size, dropout_rate: the face head's (unused by ``'softmax'``).
   """
 
   space: SearchSpace
@@ -92,18 +107,26 @@ class ResNet(nn.Module):
   arch: tuple[int, ...] | None = None
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  head: str = 'softmax'
+  margin: margins.Margin = margins.Margin.arcface()
+  embedding_size: int = face_head.EMBEDDING_SIZE
+  dropout_rate: float = face_head.DROPOUT_RATE
 
   @nn.compact
   def __call__(self, images: jax.Array, op_indices: jax.Array | None = None, *,
-               train: bool, labels: jax.Array | None = None) -> jax.Array:
-    """Logits ``(B, num_classes)`` for ``images (B, H, W, C)`` (normalised floats).
+               train: bool, labels: jax.Array | None = None,
+               embed_only: bool = False) -> jax.Array:
+    """Logits ``(B, num_classes)`` float32 for ``images (B, H, W, C)`` (normalised floats).
 
     ``op_indices`` is the architecture ``(num_nodes,)`` int32 for the supernet and
-    must be ``None`` for a fixed network. ``labels`` is accepted so that every
-    model of the project has one signature (a margin head uses it); softmax logits
-    do not depend on it.
+    must be ``None`` for a fixed network. ``labels (B,)``: the face head's margin
+    and dropout (training loss); softmax logits do not depend on them (every model
+    of the project has one signature). ``embed_only``: the face head's embedding
+    ``(B, embedding_size)`` instead (see :meth:`embed`).
     """
-    del labels
+    check_head(self.head)
+    if embed_only and self.head != 'face':
+      raise ValueError("only head='face' networks have an embedding")
     if self.space.family != 'resnet':
       raise ValueError(f'ResNet needs a basic-block search space; {self.space.name!r} has family '
                        f'{self.space.family!r} (use nar_jax.models.iresnet.IResNet for IR spaces)')
@@ -143,10 +166,24 @@ class ResNet(nn.Module):
           y = run_node(y)
         x = nn.relu(y + shortcut)
 
+    if self.head == 'face':
+      head = face_head.FaceHead(self.num_classes, self.embedding_size, self.margin,
+                                self.dropout_rate, ops.BN_EPSILON, self.dtype,
+                                self.bn_axis_name, name='face_head')
+      return face_head.face_output(self, head, x, train=train, labels=labels,
+                                   embed_only=embed_only)
     x = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       name='head')(x)
     return logits.astype(jnp.float32)
+
+  def embed(self, images: jax.Array, op_indices: jax.Array | None = None, *,
+            train: bool) -> jax.Array:
+    """The face embedding ``(B, embedding_size)`` float32 of a ``head='face'`` network.
+
+    Call as ``model.apply(variables, images, [op_indices], train=False, method='embed')``.
+    """
+    return self(images, op_indices, train=train, embed_only=True)
 
 
 def _node_and_op(path) -> tuple[int, str] | None:
