@@ -7,8 +7,9 @@
 #          --config.tasks.B.data_dir=/data/faces_emore
 #
 # Full version: NAS-Arch searched on CIFAR-10 (configs/cifar_nasarch.py); A = CIFAR-10,
-# B = faces_emore's proxy task classified by identity. "smoke": NAS-Arch searched by
-# configs/cifar_nasarch.py:smoke on mnist5k, A = mnist5k, B = synthetic faces; offline, CPU.
+# B = faces_emore trained with ArcFace, verified on LFW / CFP-FP / AgeDB-30. "smoke": NAS-Arch
+# searched by configs/cifar_nasarch.py:smoke on mnist5k, A = mnist5k, B = synthetic faces
+# verified on synthetic.bin; offline, CPU.
 # Extra flags go to the study (nar_jax.transfer). Re-running resumes every step.
 # Writes WORKDIR/nasarch/ (the search, arch.json) and WORKDIR/study/transfer.{md,json}.
 set -euo pipefail

@@ -73,10 +73,17 @@ def base_config() -> ml_collections.ConfigDict:
       channels=36,
       retrain_channels=0,
       retrain_widen=False,
+      # Softmax-family bases (resnet*, enas_macro) on a face dataset: 'softmax' classifies
+      # the identities (no verification); 'face' trains them as face networks like the IR
+      # bases (ArcFace "E" embedding + margin head, verification on dataset.verification).
+      # IR bases always have the face head.
+      head='softmax',
+      embedding_size=512,        # features of the face embedding (face head, IR bases)
   ))
 
-  # Faces ('ir<depth>' bases): the margin of the target logit, s * (cos(m1 theta + m2) - m3).
-  # ArcFace: (64, 1, 0.5, 0); CosFace: (64, 1, 0, 0.35). Unused by softmax (ResNet) heads.
+  # Face networks (IR bases, model.head='face'): the margin of the target logit,
+  # s * (cos(m1 theta + m2) - m3). ArcFace: (64, 1, 0.5, 0); CosFace: (64, 1, 0, 0.35).
+  # Unused by softmax heads.
   c.margin = ml_collections.ConfigDict(dict(scale=64.0, m1=1.0, m2=0.5, m3=0.0))
 
   # Shared-weight (child) training, used by pretraining and search alike.
@@ -196,8 +203,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.model.base={config.model.base!r} does not fit '
                      f'config.dataset.name={config.dataset.name!r}: IR bases (ir18, ir34, ir50, '
                      'ir100) need a face dataset')
-  # A face dataset with a softmax base (ResNet, ENAS macro) is plain classification of
-  # the proxy task's identities (pipeline.face_classification_splits), no verification.
+  if config.model.head not in ('softmax', 'face'):
+    raise ValueError(f"config.model.head must be 'softmax' or 'face', got {config.model.head!r}")
+  if config.model.head == 'face' and not faces:
+    raise ValueError(f"config.model.head='face' trains face networks: it needs a face dataset "
+                     f'({", ".join(FACE_DATASETS)}), got {config.dataset.name!r}')
+  if config.model.embedding_size <= 0:
+    raise ValueError(f'config.model.embedding_size must be positive, '
+                     f'got {config.model.embedding_size}')
+  # A face dataset with a softmax base (ResNet, ENAS macro) and model.head='softmax' is
+  # plain classification of the proxy task's identities
+  # (pipeline.face_classification_splits), no verification.
   if faces and config.scan_epoch:
     raise ValueError('config.scan_epoch puts a whole epoch of images on the devices; face '
                      'datasets are decoded batch by batch: use config.scan_epoch=False')
@@ -245,6 +261,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def is_face_model(config: ml_collections.ConfigDict) -> bool:
   """Whether ``config.model.base`` is an LResNet-E-IR (``'ir<depth>'``)."""
   return config.model.base.startswith('ir')
+
+
+def is_face_network(config: ml_collections.ConfigDict) -> bool:
+  """Whether the networks are face networks (margin head on the identities, embedding
+  verified on ``dataset.verification``): IR bases, or ``model.head='face'``."""
+  return is_face_model(config) or config.model.head == 'face'
 
 
 def is_joint_model(config: ml_collections.ConfigDict) -> bool:

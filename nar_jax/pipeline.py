@@ -124,8 +124,17 @@ class Experiment:
 
   @property
   def faces(self) -> bool:
-    """Whether the networks are face networks (IR, margin head, verification)."""
-    return isinstance(self.space, SearchSpace) and self.space.family == 'ir'
+    """Whether the networks are face networks (margin head, verification): IR, or a
+    softmax-family base with ``model.head='face'``."""
+    return config_lib.is_face_network(self.config)
+
+  @property
+  def face_head_kwargs(self) -> dict[str, Any]:
+    """The head attributes of a ``ResNet`` / ``MacroNet`` (``model.head``, the margin and
+    ``model.embedding_size``)."""
+    m = self.config.margin
+    return dict(head=self.config.model.head, margin=margins.Margin(m.scale, m.m1, m.m2, m.m3),
+                embedding_size=self.config.model.embedding_size)
 
   @property
   def joint(self) -> bool:
@@ -195,23 +204,26 @@ class Experiment:
     num_classes = num_classes or self.splits.num_classes
     if self.joint:
       return MacroNet(self.space if arch is None else self.retrain_space, num_classes, arch=arch,
-                      dtype=self.dtype, bn_axis_name=train.DATA_AXIS)
-    if self.faces:
-      m = self.config.margin
+                      dtype=self.dtype, bn_axis_name=train.DATA_AXIS, **self.face_head_kwargs)
+    if self.space.family == 'ir':
       return IResNet(self.space, num_classes, arch=arch,
-                     margin=margins.Margin(m.scale, m.m1, m.m2, m.m3), dtype=self.dtype,
+                     margin=self.face_head_kwargs['margin'], dtype=self.dtype,
                      bn_axis_name=train.DATA_AXIS)
     return ResNet(self.space, num_classes, arch=arch, dtype=self.dtype,
-                  bn_axis_name=train.DATA_AXIS)
+                  bn_axis_name=train.DATA_AXIS, **self.face_head_kwargs)
 
   def counts(self, arch) -> ops.Counts:
     """Parameters and MACs of ``arch``; face networks without their classifier (the
     paper's and ArcFace's convention: the classifier is dropped after training)."""
     h, w, c = self.splits.image_shape
     num_classes = 0 if self.faces else self.splits.num_classes
+    # IR spaces carry their embedding size; model.head='face' uses model.embedding_size.
+    embedding_size = (self.config.model.embedding_size
+                      if self.faces and not config_lib.is_face_model(self.config) else None)
     if self.joint:
-      return counting.count_joint_architecture(self.retrain_space, arch, (h, w), c, num_classes)
-    return counting.count_architecture(self.space, arch, (h, w), c, num_classes)
+      return counting.count_joint_architecture(self.retrain_space, arch, (h, w), c, num_classes,
+                                               embedding_size)
+    return counting.count_architecture(self.space, arch, (h, w), c, num_classes, embedding_size)
 
   def result_path(self, phase: str) -> str:
     return os.path.join(self.workdir, 'results', f'{phase}.json')
@@ -246,7 +258,7 @@ def build_space(config: ml_collections.ConfigDict) -> SearchSpace | JointSpace:
       raise ValueError(f"config.model.base={m.base!r}: IR bases are 'ir18', 'ir34', 'ir50' "
                        "or 'ir100'")
     return ir_space(int(m.base[2:]), m.width, m.candidate_rule,
-                    **({'allowed': allowed} if allowed else {}))
+                    **({'allowed': allowed} if allowed else {}), embedding_size=m.embedding_size)
   return resnet_space(m.base, m.granularity, m.width, m.candidate_rule, allowed)
 
 
@@ -304,11 +316,11 @@ def face_classification_splits(splits: data.Splits, valid_per_identity: int) -> 
 
 def load_data(config: ml_collections.ConfigDict, workdir: str) -> data.Splits:
   """The search data: the dataset's train/valid/test, or a face proxy task (for a
-  softmax base: :func:`face_classification_splits`)."""
+  softmax head: :func:`face_classification_splits`)."""
   ds = config.dataset
   if ds.name in config_lib.FACE_DATASETS:
     proxy = face_splits(config, workdir, proxy=True)
-    if config_lib.is_face_model(config):
+    if config_lib.is_face_network(config):
       return proxy
     return face_classification_splits(proxy, ds.proxy.valid_per_identity)
   return data.load_splits(ds.name, data_dir=ds.data_dir or None,
@@ -743,7 +755,8 @@ def retrain_splits(exp: Experiment) -> data.Splits:
   return exp.splits
 
 
-def verify(exp: Experiment, model: IResNet, variables: Any) -> dict[str, dict[str, float]]:
+def verify(exp: Experiment, model: IResNet | ResNet | MacroNet,
+           variables: Any) -> dict[str, dict[str, float]]:
   """insightface's verification of a face network on every ``.bin`` of the config.
 
   Returns ``{name: {'accuracy', 'accuracy_std', 'tar', 'tar_std', 'far'}}``.

@@ -10,15 +10,21 @@ test accuracies:
   (ResNet-20 with 64/128/256 channels times ``resnet_width``);
 * tasks: ``A`` and ``B``, each a ``dataset`` section of the pipeline config.
 
+On a face task (``faces`` / ``synthetic_faces``) both networks train as face networks,
+as the paper did (``face_head``, on by default): ArcFace's "E" embedding and margin
+head (:class:`nar_jax.models.face_head.FaceHead`, ``model.head='face'``) on every
+identity of ``train.rec`` (``retrain.data='full'``), then insightface's verification
+on the task's ``dataset.verification`` pair sets (LFW, CFP-FP, AgeDB-30). The table
+gives a classification task's test accuracy and a face task's verification accuracy
+(mean +- std over the 10 folds).
+
 Every (network, task) retrain is one :func:`nar_jax.pipeline.run` with
 ``config.arch`` set (no search) in ``DIR/<network>_<task>``, so it is checkpointed
 and resumable like any run. The study writes ``DIR/transfer.json`` and
 ``DIR/transfer.md``.
 
-A face task with these softmax networks is classification of the proxy task's
-identities (:func:`nar_jax.pipeline.face_classification_splits`), not verification:
-neither network has the IR embedding head that the LFW / CFP-FP / AgeDB-30 protocol
-needs.
+With ``face_head=False`` a face task is classification of the proxy task's identities
+(:func:`nar_jax.pipeline.face_classification_splits`) with softmax heads instead.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ def study_config() -> ml_collections.ConfigDict:
   ``arch.json`` path or a JSON joint architecture), ``nas_arch_channels`` and
   ``nas_arch_widen`` (the NAS-Arch network's first-stage width and whether it doubles
   at pool layers), ``resnet_width``, ``tasks.A`` / ``tasks.B`` (pipeline ``dataset``
-  sections), ``retrain`` (the one recipe: a pipeline ``retrain`` section),
-  ``seed``, ``num_devices``, ``eval_batch_size``, ``log_every_steps``.
+  sections), ``face_head`` (face tasks train face networks and verify them; else
+  classify identities), ``margin`` and ``embedding_size`` (the face head's),
+  ``retrain`` (the one recipe: a pipeline ``retrain`` section), ``seed``,
+  ``num_devices``, ``eval_batch_size``, ``log_every_steps``.
   """
   base = config_lib.base_config()
   c = ml_collections.ConfigDict()
@@ -60,6 +68,9 @@ def study_config() -> ml_collections.ConfigDict:
   c.nas_arch_widen = False
   c.resnet_width = 1.0
   c.tasks = ml_collections.ConfigDict({t: config_lib.base_config().dataset for t in TASKS})
+  c.face_head = True
+  c.margin = base.margin
+  c.embedding_size = base.model.embedding_size
   c.retrain = base.retrain
   c.retrain.baseline = False
   c.eval_batch_size = base.eval_batch_size
@@ -110,6 +121,10 @@ def run_config(study: ml_collections.ConfigDict, network: str, task: str,
   c.child.batch_size = c.retrain.batch_size
   c.search.controller.valid_batch_size = c.retrain.batch_size
   c.eval_batch_size, c.log_every_steps = study.eval_batch_size, study.log_every_steps
+  if study.face_head and c.dataset.name in config_lib.FACE_DATASETS:
+    c.model.head = 'face'
+    c.model.embedding_size = study.embedding_size
+    c.margin = ml_collections.ConfigDict(study.margin.to_dict())
   if network == 'nas_arch':
     arch = nas_arch(study)
     layers = (len(arch) if arch and isinstance(arch[0], dict)
@@ -132,7 +147,9 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Retrains every (network, task) and writes ``transfer.json`` and ``transfer.md``.
 
   Returns ``{'tasks': {task: dataset name}, 'rows': [{'network', 'task', 'dataset',
-  'test_acc', 'params', 'macs', 'workdir'}, ...]}``.
+  'test_acc', 'verification', 'params', 'macs', 'workdir'}, ...]}``; ``verification``
+  is the pipeline's ``{pair set: {'accuracy', 'accuracy_std', ...}}`` (empty unless
+  the task trained face networks), ``test_acc`` is ``None`` without a test split.
   """
   names = networks(study)
   os.makedirs(workdir, exist_ok=True)
@@ -144,7 +161,8 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       report = pipeline.run(run_config(study, network, task, shared), run_dir)
       refined = report['refined']
       rows.append({'network': network, 'task': task, 'dataset': study.tasks[task].name,
-                   'test_acc': refined['test_acc'], 'params': refined['params'],
+                   'test_acc': refined['test_acc'], 'verification': refined['verification'],
+                   'params': refined['params'],
                    'macs': refined['macs'], 'workdir': run_dir})
   result = {'tasks': {t: study.tasks[t].name for t in TASKS}, 'rows': rows}
   with open(os.path.join(workdir, 'transfer.json'), 'w') as f:
@@ -154,13 +172,26 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return result
 
 
+def accuracy_text(row: dict[str, Any] | None) -> str:
+  """A table cell: each pair set's verification accuracy ``mean +- std`` (face networks),
+  else the test accuracy; ``-`` when there is none."""
+  if row is None:
+    return '-'
+  if row.get('verification'):
+    return '; '.join(f'{name} {r["accuracy"]:.4f} +- {r["accuracy_std"]:.4f}'
+                     for name, r in row['verification'].items())
+  return '-' if row['test_acc'] is None else f'{row["test_acc"]:.4f}'
+
+
 def markdown(result: dict[str, Any]) -> str:
-  """The comparison table: one row per network, test accuracy (and size) per task."""
+  """The comparison table: one row per network, accuracy (and size) per task."""
   tasks = result['tasks']
-  header = ' | '.join(f'{t} ({tasks[t]}) test acc | {t} params | {t} MACs' for t in TASKS)
+  header = ' | '.join(f'{t} ({tasks[t]}) accuracy | {t} params | {t} MACs' for t in TASKS)
   lines = ['# Transfer study (the paper\'s Table 1)', '',
-           'Each network retrained from scratch with one recipe on each task; test accuracy of '
-           'the retrained network.', '',
+           'Each network retrained from scratch with one recipe on each task. Accuracy: the '
+           'retrained network\'s test accuracy, or for face networks its verification accuracy '
+           'on each pair set (insightface protocol, mean +- std over 10 folds). Face networks are '
+           'counted without their classifier.', '',
            f'| network | {header} |',
            '| --- |' + ' ---: | ---: | ---: |' * len(TASKS)]
   by_network: dict[str, dict[str, dict]] = {}
@@ -170,8 +201,8 @@ def markdown(result: dict[str, Any]) -> str:
     parts = []
     for t in TASKS:
       row = cells.get(t)
-      acc = '-' if row is None or row['test_acc'] is None else f'{row["test_acc"]:.4f}'
-      parts.append(f'{acc} | {row["params"]:,} | {row["macs"]:,}' if row else '- | - | -')
+      parts.append(f'{accuracy_text(row)} | {row["params"]:,} | {row["macs"]:,}' if row
+                   else '- | - | -')
     lines.append(f'| {network} | ' + ' | '.join(parts) + ' |')
   return '\n'.join(lines) + '\n'
 

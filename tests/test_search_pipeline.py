@@ -22,7 +22,7 @@ import optax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from nar_jax import alternating, controller, counting, joint, pipeline, plots, policy, train
+from nar_jax import alternating, controller, counting, joint, pipeline, plots, policy, space, train
 from nar_jax import config as config_lib
 from nar_jax import transfer
 from nar_jax.models.macro import MacroNet
@@ -502,21 +502,39 @@ def test_transfer_study_small_version_writes_its_table(tmp_path, compile_cache):
   rows = {(r['network'], r['task']): r for r in result['rows']}
   assert set(rows) == {(n, t) for n in transfer.NETWORKS for t in transfer.TASKS}
   assert result['tasks'] == {'A': 'synthetic', 'B': 'synthetic_faces'}
-  for row in rows.values():
-    assert 0 <= row['test_acc'] <= 1 and row['params'] > 0 and row['macs'] > 0
+  for (network, task), row in rows.items():
+    assert row['params'] > 0 and row['macs'] > 0
     report = read_json(os.path.join(row['workdir'], 'report.json'))
     assert report['refined']['test_acc'] == row['test_acc']
-  # Task B is the 6 synthetic identities classified with a softmax head.
-  assert read_json(os.path.join(rows['resnet20_wide', 'B']['workdir'], 'report.json'))[
-      'dataset'] == 'synthetic_faces'
+    if task == 'A':
+      assert 0 <= row['test_acc'] <= 1 and row['verification'] == {}
+    else:
+      # Face networks: ArcFace on every synthetic identity, verified on synthetic.bin
+      # (pairs of identities unseen in training), as the IR networks.
+      assert report['dataset'] == 'synthetic_faces'
+      assert set(row['verification']) == {'synthetic'}
+      assert report['refined']['verification'] == row['verification']
+      v = row['verification']['synthetic']
+      assert 0 <= v['accuracy'] <= 1 and v['accuracy_std'] >= 0
   assert rows['nas_arch', 'A']['params'] == counting.count_joint_architecture(
       joint.joint_space(3, 4), [2, 0, 1, 4, 0, 1], (16, 16), 3, 10).params
+  # Task B counts the face head without its classifier (64-feature embedding).
+  assert rows['nas_arch', 'B']['params'] == counting.count_joint_architecture(
+      joint.joint_space(3, 4), [2, 0, 1, 4, 0, 1], (16, 16), 3, 0, 64).params
+  resnet20 = space.resnet_space('resnet20_wide', 'conv', 0.0625)
+  assert rows['resnet20_wide', 'B']['params'] == counting.count_architecture(
+      resnet20, resnet20.baseline(), (16, 16), 3, 0, 64).params
   assert read_json(tmp_path / 'transfer.json') == json.loads(json.dumps(result))
   md = (tmp_path / 'transfer.md').read_text()
   for network in transfer.NETWORKS:
     line = next(line for line in md.splitlines() if line.startswith(f'| {network} |'))
-    for task in transfer.TASKS:
-      assert f'{rows[network, task]["test_acc"]:.4f}' in line
+    assert f'{rows[network, "A"]["test_acc"]:.4f}' in line
+    v = rows[network, 'B']['verification']['synthetic']
+    assert f'synthetic {v["accuracy"]:.4f} +- {v["accuracy_std"]:.4f}' in line
+  # face_head=False keeps task B as softmax classification of the proxy identities.
+  study.face_head = False
+  assert transfer.run_config(study, 'resnet20_wide', 'B').model.head == 'softmax'
+  assert transfer.run_config(study, 'resnet20_wide', 'A').model.head == 'softmax'
   with pytest.raises(ValueError, match='config.nas_arch must name'):
     transfer.run_config(load_config('transfer_study'), 'nas_arch', 'A')
   with pytest.raises(ValueError, match="unknown network 'vgg'"):
