@@ -301,3 +301,110 @@ def test_known_ops_pass_check():
   for op in ops.OP_NAMES:
     ops.check_op_name(op)
     assert ops.recipe(op, 4, 8, 2).out_channels == 8
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm: flax's nn.BatchNorm semantics with a hand-written backward pass.
+
+
+def _bn_loss(module, params, batch_stats, x, weights):
+  """``sum(y * weights)`` of a train-mode BatchNorm, and its updated statistics."""
+  y, updates = module.apply({'params': params, 'batch_stats': batch_stats}, x,
+                            mutable=['batch_stats'])
+  return jnp.sum(y.astype(jnp.float32) * weights), updates['batch_stats']
+
+
+def _bn_pair(dtype, axis_name=None, train=True):
+  import flax.linen as nn
+  reference = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=2e-5,
+                           axis_name=axis_name, dtype=dtype, param_dtype=jnp.float32)
+  return reference, ops.BatchNorm(use_running_average=not train, axis_name=axis_name,
+                                  epsilon=2e-5, dtype=dtype)
+
+
+def _bn_inputs(batch=8):
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = 3.0 * jax.random.normal(keys[0], (batch, 5, 5, 6)) + 1.5
+  params = {'scale': jax.random.uniform(keys[1], (6,), minval=0.5, maxval=2.0),
+            'bias': jax.random.normal(keys[2], (6,))}
+  stats = {'mean': jnp.linspace(-1.0, 1.0, 6), 'var': jnp.linspace(0.5, 2.0, 6)}
+  return x, params, stats, jax.random.normal(keys[3], x.shape)
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_batch_norm_matches_flax_values_gradients_and_statistics(dtype, tol):
+  reference, mine = _bn_pair(dtype)
+  x, params, stats, weights = _bn_inputs()
+  x = x.astype(dtype)
+  # Same variables, names and initial values.
+  chex.assert_trees_all_equal(mine.init(jax.random.PRNGKey(1), x),
+                              reference.init(jax.random.PRNGKey(1), x))
+  grad = jax.jit(jax.value_and_grad(_bn_loss, argnums=(1, 3), has_aux=True),
+                 static_argnums=0)
+  (loss, new_stats), (d_params, dx) = grad(mine, params, stats, x, weights)
+  (ref_loss, ref_stats), (ref_d_params, ref_dx) = grad(reference, params, stats, x, weights)
+  assert dx.dtype == dtype
+  chex.assert_trees_all_close(loss, ref_loss, rtol=tol)
+  chex.assert_trees_all_close(new_stats, ref_stats, rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(d_params, ref_d_params, rtol=tol, atol=tol)
+  chex.assert_trees_all_close(dx.astype(jnp.float32), ref_dx.astype(jnp.float32), rtol=tol,
+                              atol=tol)
+  # Running averages: 0.9 * old + 0.1 * batch (biased variance).
+  xf = x.astype(jnp.float32)
+  chex.assert_trees_all_close(new_stats['mean'], 0.9 * stats['mean'] + 0.1 * xf.mean((0, 1, 2)),
+                              rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(new_stats['var'], 0.9 * stats['var'] + 0.1 * xf.var((0, 1, 2)),
+                              rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_eval_mode_uses_running_statistics_like_flax():
+  reference, mine = _bn_pair(jnp.float32, train=False)
+  x, params, stats, _ = _bn_inputs()
+  variables = {'params': params, 'batch_stats': stats}
+  y = mine.apply(variables, x)
+  chex.assert_trees_all_close(y, reference.apply(variables, x), rtol=1e-6, atol=1e-6)
+  expected = (x - stats['mean']) / jnp.sqrt(stats['var'] + 2e-5) * params['scale'] + params['bias']
+  chex.assert_trees_all_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_synchronised_over_devices_equals_the_global_batch():
+  """Under shard_map, 4 devices x 2 examples: statistics, gradients and updates of the
+  whole batch of 8, equal to flax's synchronised BatchNorm."""
+  x, params, stats, weights = _bn_inputs(batch=8)
+  mesh = jax.make_mesh((4,), ('data',))
+  P = jax.sharding.PartitionSpec
+
+  def sharded_grad(module):
+    def device(params, x, weights):
+      def loss(params, x):
+        value, new_stats = _bn_loss(module, params, stats, x, weights)
+        return jax.lax.psum(value, 'data'), new_stats
+      return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return jax.jit(jax.shard_map(device, mesh=mesh, in_specs=(P(), P('data'), P('data')),
+                                 out_specs=((P(), P()), (P(), P('data')))))
+
+  put = lambda a, spec: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec))
+  args = (put(params, P()), put(x, P('data')), put(weights, P('data')))
+  reference, mine = _bn_pair(jnp.float32, axis_name='data')
+  out = sharded_grad(mine)(*args)
+  chex.assert_trees_all_close(out, sharded_grad(reference)(*args), rtol=1e-5, atol=1e-5)
+  _, single = _bn_pair(jnp.float32)
+  whole = jax.value_and_grad(_bn_loss, argnums=(1, 3), has_aux=True)(single, params, stats, x,
+                                                                     weights)
+  chex.assert_trees_all_close(out, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_train_statistics_outputs_have_their_gradients():
+  """The (mean, var) outputs' cotangents reach x as d mean / dx = 1/N, d var / dx = 2 (x - mean) / N."""
+  x, params, _, _ = _bn_inputs()
+  a, b = jnp.linspace(-1.0, 1.0, 6), jnp.linspace(0.5, 1.5, 6)
+
+  def through_ops(x):
+    _, mean, var = ops.batch_norm_train(x, params['scale'], params['bias'], 1e-5, None,
+                                        jnp.float32)
+    return jnp.sum(mean * a + var * b)
+
+  def plain(x):
+    return jnp.sum(x.mean((0, 1, 2)) * a + x.var((0, 1, 2)) * b)
+
+  chex.assert_trees_all_close(jax.grad(through_ops)(x), jax.grad(plain)(x), rtol=1e-4, atol=1e-6)
