@@ -692,7 +692,7 @@ def run_alternating(exp: Experiment, child: train.TrainState) -> tuple[dict[str,
                       meta['epoch'] * per_epoch)
 
   def run_phase(search, incumbent, round_, index):
-    nonlocal state, meta
+    nonlocal state
     fixed = jnp.asarray(incumbent, jnp.int32)
     child, ctrl = state['child'], state['controller']
     for i in range(cfg.epochs_per_phase):

@@ -1,5 +1,29 @@
-"""Shared pytest setup: four fake CPU devices for the data-parallel tests."""
+"""Shared pytest setup: four fake CPU devices, and a persistent compilation cache fixture."""
 
 import chex
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 chex.set_n_cpu_devices(4)
+
+
+@pytest.fixture(scope='module')
+def compile_cache(tmp_path_factory):
+  """JAX's persistent compilation cache in a temporary directory, for one test module.
+
+  XLA:CPU needs tens of seconds to compile a supernet step; with the cache, a module's
+  later runs of the same pipeline (interrupted, resumed, re-run) load the first run's
+  executables instead of compiling them again.
+  """
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()

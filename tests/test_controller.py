@@ -6,7 +6,6 @@ end-to-end check that REINFORCE (EMA baseline + reinforce_loss + Adam) teaches t
 controller a planted target architecture.
 """
 
-import functools
 import itertools
 import math
 

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from nar_jax import config as config_lib
 from nar_jax import controller, pipeline, space, train, verification
@@ -47,13 +46,9 @@ def smoke_config(**overrides):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def compilation_cache_dir(tmp_path_factory):
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  compilation_cache.reset_cache()
+def shared_compilation_cache(compile_cache):
+  """Every test of this module uses the module's persistent compilation cache."""
   yield
-  jax.config.update('jax_compilation_cache_dir', None)
-  compilation_cache.reset_cache()
 
 
 def read_json(path):

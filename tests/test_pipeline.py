@@ -17,10 +17,8 @@ import subprocess
 import sys
 import types
 
-import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from nar_jax import config as config_lib
 from nar_jax import counting, data, ops, pipeline, train
@@ -93,22 +91,6 @@ def records(metrics, phase, **fields) -> list[dict]:
 def checkpoint_steps(workdir, phase) -> list[int]:
   directory = os.path.join(workdir, 'checkpoints', phase)
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-
-
-@pytest.fixture(scope='module')
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache in a temporary directory, for this module only."""
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='module')

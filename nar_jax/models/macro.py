@@ -162,9 +162,6 @@ class MacroNet(nn.Module):
     and ``embed_only`` as :class:`nar_jax.models.resnet.ResNet` (softmax logits
     ignore the labels).
     """
-    resnet.check_head(self.head)
-    if embed_only and self.head != 'face':
-      raise ValueError("only head='face' networks have an embedding")
     if (self.arch is None) == (arch is None):
       raise ValueError('pass the architecture to the supernet (arch=None) and only to it')
     sp = self.space
@@ -203,16 +200,7 @@ class MacroNet(nn.Module):
         outputs = [reduce(t, o) if needed is None or needed[k, t] else None
                    for t, o in enumerate(outputs)]
 
-    if self.head == 'face':
-      head = face_head.FaceHead(self.num_classes, self.embedding_size, self.margin,
-                                self.dropout_rate, ops.BN_EPSILON, self.dtype,
-                                self.bn_axis_name, name='face_head')
-      return face_head.face_output(self, head, y, train=train, labels=labels,
-                                   embed_only=embed_only)
-    x = jnp.mean(y, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      name='head')(x)
-    return logits.astype(jnp.float32)
+    return resnet.head_output(self, y, train=train, labels=labels, embed_only=embed_only)
 
   def embed(self, images: jax.Array, arch: jax.Array | None = None, *,
             train: bool) -> jax.Array:

@@ -35,6 +35,31 @@ def check_head(head: str) -> None:
     raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
 
 
+def head_output(parent: nn.Module, x: jax.Array, *, train: bool, labels: jax.Array | None,
+                embed_only: bool) -> jax.Array:
+  """The output of a softmax-family network from its last feature map ``x (B, H, W, C)``.
+
+  Call from ``parent``'s compact method; ``parent`` (:class:`ResNet` or ``MacroNet``)
+  has the attributes ``head``, ``num_classes``, ``embedding_size``, ``margin``,
+  ``dropout_rate``, ``dtype`` and ``bn_axis_name``. ``'softmax'``: global average pool
+  + Dense ``head``, float32 logits. ``'face'``: :class:`face_head.FaceHead` (the
+  backbone's BN epsilon) with its variables directly under ``parent``.
+  """
+  check_head(parent.head)
+  if parent.head == 'face':
+    head = face_head.FaceHead(parent.num_classes, parent.embedding_size, parent.margin,
+                              parent.dropout_rate, ops.BN_EPSILON, parent.dtype,
+                              parent.bn_axis_name, name='face_head')
+    return face_head.face_output(parent, head, x, train=train, labels=labels,
+                                 embed_only=embed_only)
+  if embed_only:
+    raise ValueError("only head='face' networks have an embedding")
+  x = jnp.mean(x, axis=(1, 2))
+  logits = nn.Dense(parent.num_classes, dtype=parent.dtype, param_dtype=jnp.float32,
+                    name='head')(x)
+  return logits.astype(jnp.float32)
+
+
 class NodeOp(nn.Module):
   """Operator ``op`` at ``node``: one :class:`ops.Operator`, or a body of two for block nodes."""
 
@@ -124,9 +149,6 @@ class ResNet(nn.Module):
     of the project has one signature). ``embed_only``: the face head's embedding
     ``(B, embedding_size)`` instead (see :meth:`embed`).
     """
-    check_head(self.head)
-    if embed_only and self.head != 'face':
-      raise ValueError("only head='face' networks have an embedding")
     if self.space.family != 'resnet':
       raise ValueError(f'ResNet needs a basic-block search space; {self.space.name!r} has family '
                        f'{self.space.family!r} (use nar_jax.models.iresnet.IResNet for IR spaces)')
@@ -166,16 +188,7 @@ class ResNet(nn.Module):
           y = run_node(y)
         x = nn.relu(y + shortcut)
 
-    if self.head == 'face':
-      head = face_head.FaceHead(self.num_classes, self.embedding_size, self.margin,
-                                self.dropout_rate, ops.BN_EPSILON, self.dtype,
-                                self.bn_axis_name, name='face_head')
-      return face_head.face_output(self, head, x, train=train, labels=labels,
-                                   embed_only=embed_only)
-    x = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                      name='head')(x)
-    return logits.astype(jnp.float32)
+    return head_output(self, x, train=train, labels=labels, embed_only=embed_only)
 
   def embed(self, images: jax.Array, op_indices: jax.Array | None = None, *,
             train: bool) -> jax.Array:
