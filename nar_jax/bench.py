@@ -62,7 +62,7 @@ from absl import app
 from absl import flags
 
 from nar_jax import config as config_lib
-from nar_jax import controller, data, margins, ops, pipeline, train
+from nar_jax import controller, data, margins, ops, pipeline, policy, train
 from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet
 from nar_jax.space import SearchSpace, ir_space, resnet_space
@@ -249,8 +249,8 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   ctrl_state = train.replicate(mesh, train.create_controller_state(
       key, len(ops.OP_NAMES), cc.hidden, cc.init_range, ctx))
   update = train.make_controller_update(
-      supernet, ctx, mesh, mask=mask, mean=stats['mean'], std=stats['std'],
-      tanh_constant=cc.tanh_constant, entropy_weight=cc.entropy_weight,
+      supernet, ctx, mesh, policy=policy.operator_policy(mask, cc.tanh_constant),
+      mean=stats['mean'], std=stats['std'], entropy_weight=cc.entropy_weight,
       baseline_decay=cc.baseline_decay)
   valid_x = train.shard(mesh, np.broadcast_to(images, (cc.num_aggregate, *images.shape)).copy(), 1)
   valid_y = train.shard(mesh, np.broadcast_to(labels, (cc.num_aggregate, batch)).copy(), 1)

@@ -402,9 +402,8 @@ def _verification_reward(model, mesh, mean, std, batch_statistics):
 
 
 def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
-                           mean, std, entropy_weight: float, baseline_decay: float,
-                           policy: policy_lib.Policy | None = None, mask: np.ndarray | None = None,
-                           tanh_constant: float = 1.5, batch_statistics: bool = True,
+                           policy: policy_lib.Policy, mean, std, entropy_weight: float,
+                           baseline_decay: float, batch_statistics: bool = True,
                            reward: str = 'accuracy'):
   """Builds one jitted controller update (ENAS, DESIGN.md section 4).
 
@@ -416,18 +415,13 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
   by sample, and takes one Adam step on ``policy.loss``. Returns ``(ctrl_state,
   metrics)``; see :func:`make_policy_update` for the metrics.
 
-  ``policy``: a :class:`nar_jax.policy.Policy`; or give ``mask`` (and
-  ``tanh_constant``) for NAR's operator-only policy
-  (:func:`nar_jax.policy.operator_policy`).
+  ``policy``: a :class:`nar_jax.policy.Policy`, e.g. NAR's operator-only
+  :func:`nar_jax.policy.operator_policy`.
 
   ``reward='accuracy'``: classification accuracy; ``targets`` = labels ``(M, B)``.
   ``reward='verification'`` (faces): the ``B`` images are ``B / 2`` pairs (``2i``,
   ``2i + 1``), ``targets`` = issame ``(M, B / 2)``, the reward their verification accuracy.
   """
-  if (policy is None) == (mask is None):
-    raise ValueError('give make_controller_update either a policy or a candidate mask')
-  if policy is None:
-    policy = policy_lib.operator_policy(mask, tanh_constant)
   if reward not in ('accuracy', 'verification'):
     raise ValueError(f"unknown reward {reward!r}; use 'accuracy' or 'verification'")
   make_reward = _accuracy_reward if reward == 'accuracy' else _verification_reward

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from nar_jax import controller, data, ops, train
+from nar_jax import controller, data, ops, policy, train
 from nar_jax.config import sgd_config
 from nar_jax.data.augment import normalize
 from nar_jax.models.resnet import ResNet, branch_mask, select_branches
@@ -387,8 +387,8 @@ def _build_controller_update(env, n, entropy_weight, baseline_decay):
   tx = train.controller_optimizer(cfg)
   mesh = train.make_mesh(n)
   update = train.make_controller_update(
-      env.supernet, tx, mesh, mask=env.space.candidate_mask(), mean=env.splits.mean,
-      std=env.splits.std, tanh_constant=1.5, entropy_weight=entropy_weight,
+      env.supernet, tx, mesh, policy=policy.operator_policy(env.space.candidate_mask(), 1.5),
+      mean=env.splits.mean, std=env.splits.std, entropy_weight=entropy_weight,
       baseline_decay=baseline_decay, batch_statistics=True)
   state = train.create_controller_state(jax.random.PRNGKey(3), len(ops.OP_NAMES), 16, 0.1, tx)
   return mesh, update, state
