@@ -12,8 +12,7 @@ width; :func:`parse_case`):
 * ``ir50``: the LResNet50E-IR face supernet (48 nodes, ArcFace margin head over the
   proxy task's 4,000 identities, dropout) on 112x112 faces (mean 127.5, std 128,
   flips only); ``ir50_w16`` is the same at a quarter of the width, ``ir18`` ... other
-  IR depths. Its search loop is the step loop: face data is decoded lazily, so the
-  pipeline rejects ``scan_epoch`` for faces.
+  IR depths.
 
 Default cases: ``r18_w16,r18_w64`` on CPU (an IR-50 supernet at 112x112 takes many
 minutes to compile and ~1 min per step there), ``r18_w16,r18_w64,ir50`` on
@@ -33,11 +32,12 @@ Each case prints one JSON object with:
   a machine shared with other jobs inflates far less than wall time;
 * ``controller_update_s``: one controller update (sample ``num_aggregate``
   architectures, reward each on a validation minibatch, policy-gradient step);
-* ``search_loop_overhead``: time per child step inside the pipeline's training loop
-  (``pipeline.train_epoch``: host batching, sharding, metrics) / the bare supernet
-  step; ``loop`` says which loop: ``scan`` (``config.scan_epoch``, the epoch as one
+* ``search_loop_overhead``: the pipeline's training loop (``pipeline.train_epoch``:
+  host batching, sharding, metrics) replaying the timed supernet steps (the same
+  start state and key, so the same architectures) / the sum of those bare steps;
+  ``loop`` says which loop: ``scan`` (``config.scan_epoch``, the epoch as one
   ``lax.scan`` over device-resident batches, timed on its second, compiled call) or
-  ``step`` (one jitted call per minibatch, first step excluded);
+  ``step`` (one jitted call per minibatch); default :func:`default_loop`;
 * ``peak_rss_mb`` and, on accelerators, ``peak_device_mb``.
 
 Figures are measured on whatever machine runs this; compare ratios from one run.
@@ -64,7 +64,7 @@ from absl import flags
 from nar_jax import config as config_lib
 from nar_jax import controller, data, margins, ops, pipeline, policy, train
 from nar_jax.models.iresnet import IResNet
-from nar_jax.models.resnet import ResNet
+from nar_jax.models.resnet import ResNet, select_branches
 from nar_jax.space import SearchSpace, ir_space, resnet_space
 
 _CASES = flags.DEFINE_list('cases', None,
@@ -73,14 +73,17 @@ _CASES = flags.DEFINE_list('cases', None,
 _BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size.')
 _IMAGE = flags.DEFINE_integer('image', None, 'Image height and width (default: 32 for r18, '
                               '112 for IR cases).')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (after one warm-up).')
-_ARCHS = flags.DEFINE_integer('archs', 2, 'Random architectures timed as fixed networks.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per measurement (after one warm-up).',
+                              lower_bound=1)
+_ARCHS = flags.DEFINE_integer('archs', 1, 'Random architectures timed as fixed networks.',
+                              lower_bound=1)
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _OUT = flags.DEFINE_string('out', None, 'Also append the JSON lines to this file.')
 _LOOP = flags.DEFINE_enum('loop', None, ['scan', 'step'],
                           'Search loop timed for search_loop_overhead: one lax.scan per epoch '
                           '(config.scan_epoch) or one jitted call per step (default: scan for '
-                          'r18, step for IR cases, whose face data the pipeline never scans).')
+                          'r18 on accelerators; step on CPU and for IR cases, whose face data '
+                          'the pipeline never scans).')
 _NOTE = flags.DEFINE_string('note', None, 'Free text stored in each JSON line as "note".')
 _LOCK = flags.DEFINE_string('lock', None,
                             'A file locked (flock) around every timed section, so that several '
@@ -102,7 +105,6 @@ class Case:
   num_classes: int
   image: int                                    # default height and width
   stats: dict                                   # normalisation and augmentation
-  loop: str                                     # default search loop
 
 
 def parse_case(case: str) -> Case:
@@ -114,15 +116,25 @@ def parse_case(case: str) -> Case:
   width = int(match.group(3) or 64) / 64
   if match.group(2) is None:
     return Case(case, False, resnet_space('resnet18', 'conv', width), 10, 32,
-                dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True), 'scan')
+                dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True))
   return Case(case, True, ir_space(int(match.group(2)), width), FACE_CLASSES, 112,
-              dict(mean=(127.5 / 255,) * 3, std=(128 / 255,) * 3, crop_padding=0, flip=True),
-              'step')
+              dict(mean=(127.5 / 255,) * 3, std=(128 / 255,) * 3, crop_padding=0, flip=True))
 
 
 def default_cases(platform: str) -> tuple[str, ...]:
   """The cases run without ``--cases`` on ``platform`` (``jax.devices()[0].platform``)."""
   return CPU_CASES if platform == 'cpu' else ACCELERATOR_CASES
+
+
+def default_loop(case: Case, platform: str) -> str:
+  """The search loop timed without ``--loop``: ``'scan'`` or ``'step'``.
+
+  The scan epoch on accelerators, where it removes the host loop's cost; the step
+  loop on CPU, the pipeline's default there (a scan compiles the step a second time,
+  ~20 s on 2 cores, and the step loop's overhead is ~1.0 already), and for faces,
+  whose lazily decoded data the pipeline never scans.
+  """
+  return 'scan' if platform != 'cpu' and not case.face else 'step'
 
 
 @contextlib.contextmanager
@@ -139,40 +151,36 @@ def exclusive(lock_path: str | None):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _timed(fn, steps: int, cpu: dict | None = None, name: str = '',
-           lock: str | None = None) -> tuple[float, float]:
-  """``(first call s, median of steps timed calls s)``; ``fn`` must block.
+def _timed(fn, calls: int, lock: str | None = None) -> tuple[list[float], list[float]]:
+  """Wall and process CPU seconds (all threads) of each of ``calls`` calls of ``fn``.
 
-  With ``cpu``, also stores the process CPU time (all threads) of the first call and
-  the median of the timed calls under ``cpu[name]``: on a machine shared with other
-  jobs it grows far less than wall time does. The timed calls run under
-  :func:`exclusive` ``(lock)``; the first call does not.
+  ``fn`` must block until its work is done. The calls run under
+  :func:`exclusive` ``(lock)``. Process CPU time grows far less than wall time on a
+  machine shared with other jobs.
   """
-  tick, cpu_tick = time.perf_counter(), time.process_time()
-  fn()
-  first, cpu_first = time.perf_counter() - tick, time.process_time() - cpu_tick
-  times, cpu_times = [], []
+  wall, cpu = [], []
   with exclusive(lock):
-    for _ in range(steps):
+    for _ in range(calls):
       tick, cpu_tick = time.perf_counter(), time.process_time()
       fn()
-      times.append(time.perf_counter() - tick)
-      cpu_times.append(time.process_time() - cpu_tick)
-  if cpu is not None:
-    cpu[name] = (cpu_first, statistics.median(cpu_times))
-  return first, statistics.median(times)
+      wall.append(time.perf_counter() - tick)
+      cpu.append(time.process_time() - cpu_tick)
+  return wall, cpu
+
 
 
 def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
              image: int | None = None, loop: str | None = None, lock: str | None = None) -> dict:
   """Measures one case (:func:`parse_case`); see the module docstring for the fields.
 
-  ``image`` and ``loop`` default to the case's (32 / 112 pixels; scan / step loop);
+  ``image`` defaults to the case's (32 / 112 pixels), ``loop`` to :func:`default_loop`;
   ``lock``: see :func:`exclusive`.
   """
+  if steps < 1 or num_archs < 1:
+    raise ValueError(f'steps and num_archs must be positive, got {steps} and {num_archs}')
   c = parse_case(case)
   image = image or c.image
-  loop = loop or c.loop
+  loop = loop or default_loop(c, jax.devices()[0].platform)
   space, stats = c.space, c.stats
   mesh = train.make_mesh()
   train.check_batch_size(batch, mesh)
@@ -217,8 +225,10 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
     holder['state'], m = supernet_step(holder['state'], x, y, key, sampler)
     block(m)
 
-  cpu = {}
-  compile_s, supernet_step_s = _timed(sampled, steps, cpu, 'supernet', lock)
+  # First calls (compiles) are timed alone and outside the lock.
+  (compile_s,), (compile_cpu_s,) = _timed(sampled, 1)
+  start = holder['state']  # The search loop below replays the timed steps from here.
+  sampled_s, _ = _timed(sampled, steps, lock)
 
   # Paired: the same random architectures as supernet steps and as fixed networks.
   archs = [tuple(int(a) for a in controller.uniform_sample(jax.random.PRNGKey(i), jmask))
@@ -230,18 +240,22 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
     def super_run(given=given):
       holder['state'], m = supernet_step(holder['state'], x, y, key, given)
       block(m)
-    paired.append(_timed(super_run, steps, cpu, 'paired', lock)[1])
-    paired_cpu.append(cpu['paired'][1])
-    net = network(arch)
-    fixed_state = {'s': train.replicate(mesh, train.create_train_state(
-        key, net, (image, image, 3), tx, None))}
-    fixed_step = train.make_train_step(net, tx, mesh, **stats, sample_arch=None)
+    _timed(super_run, 1)
+    wall, cpu = _timed(super_run, steps, lock)
+    paired.append(statistics.median(wall))
+    paired_cpu.append(statistics.median(cpu))
+    # The fixed network starts from the supernet's weights of its architecture.
+    fixed_state = {'s': train.replicate(mesh, train.train_state(
+        select_branches(state0.variables, arch), tx))}
+    fixed_step = train.make_train_step(network(arch), tx, mesh, **stats, sample_arch=None)
 
     def fixed_run():
       fixed_state['s'], m = fixed_step(fixed_state['s'], x, y, key, None)
       block(m)
-    fixed.append(_timed(fixed_run, steps, cpu, 'fixed', lock)[1])
-    fixed_cpu.append(cpu['fixed'][1])
+    _timed(fixed_run, 1)
+    wall, cpu = _timed(fixed_run, steps, lock)
+    fixed.append(statistics.median(wall))
+    fixed_cpu.append(statistics.median(cpu))
 
   # Controller update: num_aggregate architectures rewarded on validation minibatches.
   cc = config_lib.base_config().search.controller
@@ -259,44 +273,41 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   def controller_run():
     ctrl_holder['s'], m = update(ctrl_holder['s'], holder['state'].variables, valid_x, valid_y, key)
     block(m)
+  _timed(controller_run, 1)
+  controller_update_s = statistics.median(_timed(controller_run, max(2, steps // 2), lock)[0])
 
-  _, controller_update_s = _timed(controller_run, max(2, steps // 2), lock=lock)
-
-  # The pipeline's own training loop over an in-memory split, per step (the step loop
-  # reuses the compiled supernet step; a scan epoch compiles on its first call).
-  loop_steps = max(steps, 5)
-  split = data.Split(np.concatenate([images] * loop_steps), np.concatenate([labels] * loop_steps))
-  cfg = ml_collections.ConfigDict({'log_every_steps': loop_steps, 'seed': 0,
+  # The pipeline's own training loop (``pipeline.train_epoch``: host batching, sharding,
+  # metrics) replays the timed supernet steps: the same start state and key, so the same
+  # architectures. A scan epoch compiles on its first call, which is not timed.
+  split = data.Split(np.concatenate([images] * steps), np.concatenate([labels] * steps))
+  cfg = ml_collections.ConfigDict({'log_every_steps': steps, 'seed': 0,
                                    'scan_epoch': loop == 'scan'})
   log = pipeline.Log(workdir='', verbose=False)
   exp = pipeline.Experiment(cfg, '', None, space, mesh, log, key)
-  progress = pipeline.Progress(log, 'bench', loop_steps * 2)
-  for epoch in range(2 if loop == 'scan' else 1):
-    # Timed alone: the scan's second epoch; the step loop after its first (compiled) step.
-    with exclusive(lock if loop == 'step' or epoch == 1 else None):
-      tick = time.perf_counter()
-      holder['state'], epoch_stats = pipeline.train_epoch(
-          exp, supernet_step, holder['state'], split, batch, epoch, key, sampler, progress)
-      loop_total = time.perf_counter() - tick
+  progress = pipeline.Progress(log, 'bench', steps * 2)
+
+  def loop_run():
+    holder['state'], _ = pipeline.train_epoch(exp, supernet_step, start, split, batch, 0, key,
+                                              sampler, progress)
+    block(holder['state'])
   if loop == 'scan':
-    loop_step_s = loop_total / loop_steps
-  else:
-    loop_step_s = (loop_total - epoch_stats['first_step_s']) / (loop_steps - 1)
+    _timed(loop_run, 1)
+  (loop_s,), _ = _timed(loop_run, 1, lock)
 
   result = {
       'case': case, 'batch': batch, 'width': space.stem_channels, 'image': image, 'dtype': dtype,
       'devices': mesh.devices.size, 'platform': jax.devices()[0].platform,
-      'supernet_step_s': supernet_step_s,
+      'supernet_step_s': statistics.median(sampled_s),
       'paired_supernet_step_s': statistics.median(paired),
       'fixed_step_s': statistics.median(fixed),
       'ratio': sum(paired) / sum(fixed),
       'ratio_cpu': sum(paired_cpu) / sum(fixed_cpu),
-      'images_per_s': batch / supernet_step_s,
+      'images_per_s': batch / statistics.median(sampled_s),
       'compile_s': compile_s,
-      'compile_cpu_s': cpu['supernet'][0],
+      'compile_cpu_s': compile_cpu_s,
       'controller_update_s': controller_update_s,
       'loop': loop,
-      'search_loop_overhead': loop_step_s / supernet_step_s,
+      'search_loop_overhead': loop_s / sum(sampled_s),
       'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
   memory = jax.devices()[0].memory_stats() or {}

@@ -13,7 +13,7 @@ def test_resnet_case_is_the_cifar_resnet18_supernet():
   case = bench.parse_case('r18_w16')
   assert not case.face
   assert case.space.name.startswith('resnet18') and case.space.stem_channels == 16
-  assert (case.num_classes, case.image, case.loop) == (10, 32, 'scan')
+  assert (case.num_classes, case.image) == (10, 32)
   assert bench.parse_case('r18').space.stem_channels == 64
 
 
@@ -21,7 +21,7 @@ def test_face_case_is_the_ir50_supernet_with_face_conventions():
   case = bench.parse_case('ir50')
   assert case.face and case.space.family == 'ir'
   assert case.space.num_nodes == 48 and case.space.stem_channels == 64
-  assert (case.num_classes, case.image, case.loop) == (4000, 112, 'step')
+  assert (case.num_classes, case.image) == (4000, 112)
   assert case.stats['mean'] == (127.5 / 255,) * 3 and case.stats['std'] == (128 / 255,) * 3
   assert case.stats['crop_padding'] == 0
   narrow = bench.parse_case('ir50_w16')
@@ -40,6 +40,13 @@ def test_default_cases_add_the_face_supernet_on_accelerators_only():
   assert bench.default_cases('gpu') == ('r18_w16', 'r18_w64', 'ir50')
   for name in bench.default_cases('tpu'):
     bench.parse_case(name)
+
+
+def test_default_loop_scans_in_memory_data_on_accelerators_only():
+  resnet, face = bench.parse_case('r18_w16'), bench.parse_case('ir50')
+  assert bench.default_loop(resnet, 'gpu') == 'scan'
+  assert bench.default_loop(resnet, 'cpu') == 'step'
+  assert bench.default_loop(face, 'gpu') == bench.default_loop(face, 'cpu') == 'step'
 
 
 def test_exclusive_holds_the_lock_until_the_block_ends(tmp_path):

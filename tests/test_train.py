@@ -97,9 +97,7 @@ def env():
 
 def fixed_state(env, arch) -> train.TrainState:
   """The fixed network ``arch`` with the supernet's initial weights of that arch."""
-  params = select_branches(env.state.params, arch)
-  return train.TrainState(jnp.zeros((), jnp.int32), params,
-                          select_branches(env.state.batch_stats, arch), env.tx.init(params))
+  return train.train_state(select_branches(env.state.variables, arch), env.tx)
 
 
 @pytest.fixture(scope='module')
@@ -192,8 +190,7 @@ def test_gradient_is_the_global_batch_gradient(env, n):
   """With plain SGD (lr 1) the update is minus the gradient of the global-batch mean loss,
   as one device computes it without any sharding (BN over the whole batch)."""
   tx = optax.sgd(1.0)
-  state = train.TrainState(jnp.zeros((), jnp.int32), env.state.params, env.state.batch_stats,
-                           tx.init(env.state.params))
+  state = train.train_state(env.state.variables, tx)
   mesh = train.make_mesh(n)
   step = train.make_train_step(env.supernet, tx, mesh, mean=env.splits.mean, std=env.splits.std,
                                crop_padding=0, flip=False, sample_arch=fixed_arch_sampler)
