@@ -17,6 +17,10 @@
 #     IR-50 face supernet ir50 (112x112, batch 64, float32);
 #   * the face search's own setting: ir50, batch 256, bfloat16 (one paired architecture);
 #   * r18_w64 at batch 256, float32 and bfloat16.
+# SWITCH_DIAGNOSIS=1 adds r18_w64 (batch 64, float32) twice more under other XLA_FLAGS, to
+# test whether lax.switch's conditionals stall the stream (their branch index read by the
+# host) and whether CUDA-graph conditionals remove that: command buffers off, and
+# command buffers with CONDITIONAL and WHILE commands added. Each line's "note" names them.
 set -uo pipefail
 out=$(realpath -m "${1:-gpu_check}")
 py=${PYTHON:-python3}
@@ -48,12 +52,20 @@ run_bench() {  # run_bench <log name> <bench flags...>
 bench() {  # in the background unless BENCH_PARALLEL=0
   if [[ "${BENCH_PARALLEL:-1}" == 0 ]]; then run_bench "$@"; else run_bench "$@" & fi
 }
-bench ir50_b64 --cases=ir50 --batch=64 --steps=10
+bench ir50_b64 --cases=ir50 --batch=64 --steps=10 --archs=2
 bench ir50_b256_bf16 --cases=ir50 --batch=256 --steps=5 --archs=1 --dtype=bfloat16
-bench r18_w16_b64 --cases=r18_w16 --batch=64 --steps=10
-bench r18_w64_b64 --cases=r18_w64 --batch=64 --steps=10
-bench r18_w64_b256 --cases=r18_w64 --batch=256 --steps=10
-bench r18_w64_b256_bf16 --cases=r18_w64 --batch=256 --steps=10 --dtype=bfloat16
+bench r18_w16_b64 --cases=r18_w16 --batch=64 --steps=10 --archs=2
+bench r18_w64_b64 --cases=r18_w64 --batch=64 --steps=10 --archs=2
+bench r18_w64_b256 --cases=r18_w64 --batch=256 --steps=10 --archs=2
+bench r18_w64_b256_bf16 --cases=r18_w64 --batch=256 --steps=10 --archs=2 --dtype=bfloat16
+if [[ "${SWITCH_DIAGNOSIS:-0}" == 1 ]]; then
+  off=--xla_gpu_enable_command_buffer=
+  conditional=--xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE
+  XLA_FLAGS="${XLA_FLAGS:-} $off" bench r18_w64_b64_no_command_buffers --cases=r18_w64 \
+    --batch=64 --steps=10 --archs=2 --note="XLA_FLAGS=$off"
+  XLA_FLAGS="${XLA_FLAGS:-} $conditional" bench r18_w64_b64_conditional_commands \
+    --cases=r18_w64 --batch=64 --steps=10 --archs=2 --note="XLA_FLAGS=$conditional"
+fi
 wait
 tail -n 2 "$out"/bench_*.log
 echo "figures: $out/bench.jsonl"
