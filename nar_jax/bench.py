@@ -168,7 +168,6 @@ def _timed(fn, calls: int, lock: str | None = None) -> tuple[list[float], list[f
   return wall, cpu
 
 
-
 def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
              image: int | None = None, loop: str | None = None, lock: str | None = None) -> dict:
   """Measures one case (:func:`parse_case`); see the module docstring for the fields.

@@ -54,6 +54,7 @@ def jit(fn: Callable, *, runs_once: bool = False) -> Callable:
     return jax.jit(fn)
   return jax.jit(fn, compiler_options={'xla_backend_optimization_level': 0 if runs_once else 2})
 
+
 # ---------------------------------------------------------------------------------------
 # State.
 # ---------------------------------------------------------------------------------------
