@@ -11,7 +11,8 @@ from nar_jax.config import base_config
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ValueError(f"unknown variant {arg!r}; this config has none")
   c = base_config()
   c.dataset.name = 'cifar10'
   c.model.base = 'resnet20_wide'
