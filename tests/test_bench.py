@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 
+import jax
 import pytest
 
 from nar_jax import bench
@@ -66,3 +67,26 @@ def test_exclusive_holds_the_lock_until_the_block_ends(tmp_path):
   assert try_lock()
   with bench.exclusive(None):
     assert try_lock()
+
+
+def test_run_case_measures_every_field_on_a_tiny_supernet():
+  result = bench.run_case('r18_w4', batch=8, steps=2, num_archs=1, dtype='float32', image=16,
+                          loop='step')
+  timings = ('supernet_step_s', 'paired_supernet_step_s', 'fixed_step_s', 'compile_s',
+             'compile_cpu_s', 'controller_update_s', 'search_loop_overhead', 'images_per_s',
+             'ratio', 'ratio_cpu', 'peak_rss_mb')
+  for name in timings:
+    assert result[name] > 0, name
+  # One paired architecture: the ratio is its supernet step over its fixed step.
+  assert result['ratio'] == pytest.approx(result['paired_supernet_step_s'] /
+                                          result['fixed_step_s'])
+  assert result['images_per_s'] == pytest.approx(8 / result['supernet_step_s'])
+  assert (result['case'], result['width'], result['image'], result['loop']) == (
+      'r18_w4', 4, 16, 'step')
+  assert result['devices'] == jax.device_count()
+
+
+@pytest.mark.parametrize('steps,archs', [(0, 1), (1, 0)])
+def test_run_case_needs_a_timed_step_and_an_architecture(steps, archs):
+  with pytest.raises(ValueError, match='positive'):
+    bench.run_case('r18_w4', batch=8, steps=steps, num_archs=archs, dtype='float32')
