@@ -118,13 +118,14 @@ def _depthwise(x, kernel, stride):
   k = kernel.shape[0]
   (ph, out_h), (pw, out_w) = (same_padding(x.shape[d], k, stride) for d in (1, 2))
   padded = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  taps = jnp.split(kernel.reshape(k * k, kernel.shape[-1]), k * k)  # one op: k*k (1, C) rows
   out = None
   for i in range(k):
     for j in range(k):
       window = lax.slice(padded, (0, i, j, 0),
                          (x.shape[0], i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1,
                           x.shape[3]), (1, stride, stride, 1))
-      term = window * kernel[i, j, 0]
+      term = window * taps[i * k + j]
       out = term if out is None else out + term
   return out
 
