@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 
 import pytest
 
 from nar_jax import config as config_lib
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
+from config_testing import CONFIGS, load_config
+
 VARIANTS = {
     'cifar_alternating': ['smoke'],
     'cifar_nasarch': ['smoke'],
@@ -25,13 +25,6 @@ VARIANTS = {
 NOT_MAIN = ('transfer_study',)
 
 
-def get_config(name, variant):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
 def test_every_config_file_is_listed():
   files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, '*.py'))}
   assert files == set(VARIANTS)
@@ -40,7 +33,7 @@ def test_every_config_file_is_listed():
 @pytest.mark.parametrize('name,variant', [(name, variant) for name, variants in VARIANTS.items()
                                           for variant in [None, *variants]])
 def test_config_loads_and_validates(name, variant, tmp_path):
-  config = get_config(name, variant)
+  config = load_config(name, variant)
   if name in NOT_MAIN:
     return
   if config.dataset.name == 'faces' and not config.dataset.data_dir:
@@ -50,16 +43,16 @@ def test_config_loads_and_validates(name, variant, tmp_path):
 
 def test_face_config_requires_the_data_directory():
   with pytest.raises(ValueError, match='data_dir'):
-    config_lib.validate(get_config('face_lresnet50e_ir', None))
+    config_lib.validate(load_config('face_lresnet50e_ir', None))
 
 
 def test_gpu_cifar_configs_scan_each_epoch_and_cpu_configs_do_not():
-  assert get_config('cifar_resnet18', None).scan_epoch
-  assert get_config('cifar_resnet18_block', 'pretrain').scan_epoch
-  assert not get_config('quickstart', None).scan_epoch
+  assert load_config('cifar_resnet18', None).scan_epoch
+  assert load_config('cifar_resnet18_block', 'pretrain').scan_epoch
+  assert not load_config('quickstart', None).scan_epoch
 
 
 @pytest.mark.parametrize('name', sorted(VARIANTS))
 def test_unknown_variant_is_rejected(name):
   with pytest.raises(ValueError, match='no_such_variant'):
-    get_config(name, 'no_such_variant')
+    load_config(name, 'no_such_variant')

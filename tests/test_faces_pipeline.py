@@ -10,7 +10,6 @@ directory) lets the later runs reuse the first run's executables.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -24,16 +23,12 @@ from nar_jax import config as config_lib
 from nar_jax import controller, pipeline, space, train, verification
 from nar_jax.models.iresnet import IResNet
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_testing import load_config
 
 
 def face_config(variant=None):
-  """``configs/face_lresnet50e_ir.py:<variant>``, loaded as the command line loads it."""
-  path = os.path.join(REPO, 'configs', 'face_lresnet50e_ir.py')
-  spec = importlib.util.spec_from_file_location('face_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  """``configs/face_lresnet50e_ir.py:<variant>``."""
+  return load_config('face_lresnet50e_ir', variant)
 
 
 def smoke_config(**overrides):

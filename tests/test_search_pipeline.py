@@ -9,7 +9,6 @@ compilation cache in a temporary directory (as tests/test_pipeline.py).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import types
@@ -27,19 +26,12 @@ from nar_jax import transfer
 from nar_jax.models.macro import MacroNet
 from nar_jax.ops import OP_NAMES
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from config_testing import load_config
+
 K = len(OP_NAMES)
 LAYERS = 3
 UPDATES = 3
 EPOCHS = 2
-
-
-def load_config(name, variant=None):
-  """``configs/<name>.py:<variant>``, loaded as the command line loads it."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def tiny(c):
