@@ -317,6 +317,7 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
 
 def main(argv):
   del argv
+  train.add_cpu_xla_flags()
   cases = _CASES.value or default_cases(jax.devices()[0].platform)
   for case in cases:
     parse_case(case)  # Fail on a bad name before measuring anything.

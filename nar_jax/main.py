@@ -11,7 +11,7 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
-from nar_jax import pipeline
+from nar_jax import pipeline, train
 from nar_jax.data import DatasetNotPreparedError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -24,6 +24,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+  train.add_cpu_xla_flags()
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (DatasetNotPreparedError, ValueError) as error:

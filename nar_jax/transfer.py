@@ -39,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nar_jax import config as config_lib
-from nar_jax import joint, pipeline
+from nar_jax import joint, pipeline, train
 from nar_jax.data import DatasetNotPreparedError
 
 NETWORKS = ('nas_arch', 'resnet20_wide')
@@ -211,6 +211,7 @@ def main(argv: Sequence[str]) -> None:
   """absl entry point: runs the study of ``--config`` in ``--workdir``, prints the table."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  train.add_cpu_xla_flags()
   try:
     result = run(flags.FLAGS.config, flags.FLAGS.workdir)
   except (DatasetNotPreparedError, ValueError) as error:

@@ -1,10 +1,14 @@
-"""Shared pytest setup: four fake CPU devices, and a persistent compilation cache fixture."""
+"""Shared pytest setup: the entry points' XLA flags, four fake CPU devices, and a persistent
+compilation cache fixture."""
 
 import chex
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from nar_jax import train
+
+train.add_cpu_xla_flags()  # As the command-line entry points do.
 chex.set_n_cpu_devices(4)
 
 

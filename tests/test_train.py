@@ -12,6 +12,7 @@ matter to any property tested here).
 
 from __future__ import annotations
 
+import os
 import types
 
 import chex
@@ -593,3 +594,18 @@ def test_scan_epoch_computes_the_steps_of_the_step_loop(env):
   with pytest.raises(ValueError, match='leading'):
     epoch(scanned, train.shard(mesh, images, 1), train.shard(mesh, labels[:2], 1), env.key,
           ctrl_params)
+
+
+def test_cpu_xla_flags_are_added_once_and_never_override_the_users(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  train.add_cpu_xla_flags()
+  train.add_cpu_xla_flags()
+  assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2',
+                                             *train.CPU_XLA_FLAGS]
+  name = train.CPU_XLA_FLAGS[0].split('=')[0]
+  monkeypatch.setenv('XLA_FLAGS', f'{name}=true')
+  train.add_cpu_xla_flags()
+  assert os.environ['XLA_FLAGS'] == f'{name}=true'
+  monkeypatch.delenv('XLA_FLAGS')
+  train.add_cpu_xla_flags()
+  assert os.environ['XLA_FLAGS'].split() == list(train.CPU_XLA_FLAGS)
