@@ -12,6 +12,7 @@ import ml_collections
 
 from nar_jax import ops
 
+SEARCH_METHODS = ('controller', 'alternating', 'random')
 DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces')
 FACE_DATASETS = ('faces', 'synthetic_faces')
 
@@ -113,11 +114,27 @@ def base_config() -> ml_collections.ConfigDict:
           # Joint ('enas_macro') searches: ENAS's KL skip penalty toward skip_target,
           # weighted skip_weight in the controller loss.
           skip_target=0.4, skip_weight=0.8,
+          # Operator searches: the probability the untrained policy gives each node's
+          # original operator (the base network), the rest spread evenly over the other
+          # candidates; 0 (or at most 1/K): ENAS's near-uniform start. It is the
+          # distribution pretraining and random search sample from, and the controller's
+          # start (controller.original_prior). README, "Shared weights that learn".
+          original_prob=0.0,
       )),
+      # MnasNet's resource constraint: reward = accuracy * (MACs / target) ** w
+      # (reinforce.cost_aware_reward), also the score derive ranks by; w = weight above
+      # the target and weight_below at or below it (MnasNet's soft constraint: both
+      # -0.07; its hard constraint: weight=-1, weight_below=0). target_macs: 0 = accuracy
+      # alone (NAR's reward); in (0, 1]: that fraction of the base network's MACs; > 1:
+      # absolute MACs.
+      cost=ml_collections.ConfigDict(dict(target_macs=0.0, weight=-0.07, weight_below=-0.07)),
       # 'controller': ENAS/NAR search (epochs of child training + controller updates,
       # then derive). 'alternating' ('enas_macro' only, eq. 9-11 of the paper): from the
       # baseline architecture, alternately search operators with the skips fixed and
-      # skips with the operators fixed (nar_jax.alternating).
+      # skips with the operators fixed (nar_jax.alternating). 'random': the control every
+      # NAS result must beat: the same child epochs with architectures from the untrained
+      # policy (uniform, or controller.original_prob's start), no controller updates, then
+      # derive keeps the best of derive.num_samples such architectures.
       method='controller',
   ))
 
@@ -239,9 +256,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
   for op in restricted_ops(config):
     ops.check_op_name(op)
-  if config.search.method not in ('controller', 'alternating'):
-    raise ValueError(f"config.search.method must be 'controller' or 'alternating', "
+  if config.search.method not in SEARCH_METHODS:
+    raise ValueError(f'config.search.method must be one of {", ".join(SEARCH_METHODS)}, '
                      f'got {config.search.method!r}')
+  if config.search.cost.target_macs < 0:
+    raise ValueError(f'config.search.cost.target_macs must be >= 0 (0: accuracy alone), '
+                     f'got {config.search.cost.target_macs}')
+  if not 0.0 <= config.search.controller.original_prob < 1.0:
+    raise ValueError(f'config.search.controller.original_prob must be in [0, 1), '
+                     f'got {config.search.controller.original_prob}')
+  if config.search.controller.original_prob > 0 and is_joint_model(config):
+    raise ValueError('config.search.controller.original_prob applies to operator searches; '
+                     "the joint space ('enas_macro') starts uniform: set it to 0")
   if is_joint_model(config):
     for name in ('model.num_layers', 'model.channels'):
       if field(config, name) <= 0:
@@ -252,6 +278,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   elif config.search.method == 'alternating':
     raise ValueError("config.search.method='alternating' searches skips too: it needs "
                      "config.model.base='enas_macro'")
+  if config.search.method == 'alternating' and config.search.cost.target_macs:
+    raise ValueError('config.search.cost applies to controller and random searches; the '
+                     'alternating search ranks by accuracy: set config.search.cost.target_macs=0')
   if config.search.method == 'alternating':
     a = config.alternating
     for name in ('max_rounds', 'epochs_per_phase', 'num_samples'):

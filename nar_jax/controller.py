@@ -16,10 +16,11 @@ for the NAS-Arch baseline over :mod:`nar_jax.joint`'s macro space.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nar_jax import joint
 
@@ -71,34 +72,65 @@ def _lstm_cell(kernel: jax.Array, x: jax.Array, h: jax.Array, c: jax.Array):
   return h, c
 
 
-def _masked_logits(params: Params, h: jax.Array, mask: jax.Array, tanh_constant: float):
-  logits = tanh_constant * jnp.tanh(h @ params['softmax_kernel'])
+def _masked_logits(params: Params, h: jax.Array, mask: jax.Array, tanh_constant: float,
+                   prior: jax.Array):
+  """``(K,)`` logits of one decision: ENAS's ``tanh_constant * tanh(h @ W)`` plus the
+  node's ``prior`` offsets, disallowed ops masked out."""
+  logits = tanh_constant * jnp.tanh(h @ params['softmax_kernel']) + prior
   return jnp.where(mask, logits, _MASKED_LOGIT)
+
+
+def _prior_or_zeros(prior: jax.Array | None, mask: jax.Array) -> jax.Array:
+  return jnp.zeros(mask.shape, jnp.float32) if prior is None else jnp.asarray(prior, jnp.float32)
+
+
+def original_prior(mask: np.ndarray, original: Sequence[int], original_prob: float) -> np.ndarray:
+  """Logit offsets ``(num_nodes, num_ops)`` that start a search near the base network.
+
+  With these offsets added to near-zero logits, node ``j`` picks its original operator
+  ``original[j]`` with probability ``original_prob`` and each of its other ``K_j - 1``
+  candidates with ``(1 - original_prob) / (K_j - 1)``: offset
+  ``log(original_prob (K_j - 1) / (1 - original_prob))`` on the original op, 0 elsewhere.
+  ``original_prob <= 1 / K_j`` (e.g. 0) leaves node ``j`` uniform (offset 0); a node with
+  one candidate gets none.
+  """
+  if not 0.0 <= original_prob < 1.0:
+    raise ValueError(f'original_prob must be in [0, 1), got {original_prob}')
+  mask = np.asarray(mask, bool)
+  prior = np.zeros(mask.shape, np.float32)
+  for j, op in enumerate(original):
+    others = int(mask[j].sum()) - 1
+    if not mask[j, op]:
+      raise ValueError(f'original op {op} of node {j} is not one of its candidates')
+    if others > 0 and original_prob * (others + 1) > 1.0:
+      prior[j, op] = np.log(original_prob * others / (1.0 - original_prob))
+  return prior
 
 
 def _entropy(log_p: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
-def _decode(params: Params, mask: jax.Array, tanh_constant: float, choose):
+def _decode(params: Params, mask: jax.Array, tanh_constant: float, choose, prior=None):
   """Runs the LSTM over nodes; ``choose(node, log_p) -> op`` picks each node's op.
 
   Returns ``(arch (N,), log_p (N, K))`` where ``log_p`` are the masked log-softmaxes.
+  ``prior``: optional ``(N, K)`` logit offsets (:func:`original_prior`).
   """
   hidden = params['start_embedding'].shape[0]
 
   def step(carry, inputs):
     h, c, x = carry
-    node, node_mask = inputs
+    node, node_mask, node_prior = inputs
     h, c = _lstm_cell(params['lstm_kernel'], x, h, c)
-    log_p = jax.nn.log_softmax(_masked_logits(params, h, node_mask, tanh_constant))
+    log_p = jax.nn.log_softmax(_masked_logits(params, h, node_mask, tanh_constant, node_prior))
     op = choose(node, log_p)
     return (h, c, params['op_embedding'][op]), (op, log_p)
 
   zeros = jnp.zeros((hidden,), jnp.float32)
   num_nodes = mask.shape[0]
   _, (arch, log_p) = jax.lax.scan(step, (zeros, zeros, params['start_embedding']),
-                                  (jnp.arange(num_nodes), mask))
+                                  (jnp.arange(num_nodes), mask, _prior_or_zeros(prior, mask)))
   return arch.astype(jnp.int32), log_p
 
 
@@ -108,36 +140,41 @@ def _summarise(arch: jax.Array, log_p: jax.Array) -> Sample:
   return Sample(arch, jnp.sum(chosen), sample_entropy, _entropy(log_p))
 
 
-def sample(params: Params, key: jax.Array, mask: jax.Array, tanh_constant: float = 1.5) -> Sample:
-  """Samples one architecture. ``mask (num_nodes, num_ops)`` bool marks allowed ops."""
+def sample(params: Params, key: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
+           prior: jax.Array | None = None) -> Sample:
+  """Samples one architecture. ``mask (num_nodes, num_ops)`` bool marks allowed ops;
+  ``prior`` optional ``(num_nodes, num_ops)`` logit offsets (:func:`original_prior`)."""
   keys = jax.random.split(key, mask.shape[0])
   arch, log_p = _decode(params, mask, tanh_constant,
-                        lambda node, lp: jax.random.categorical(keys[node], lp))
+                        lambda node, lp: jax.random.categorical(keys[node], lp), prior)
   return _summarise(arch, log_p)
 
 
-def most_likely(params: Params, mask: jax.Array, tanh_constant: float = 1.5) -> Sample:
+def most_likely(params: Params, mask: jax.Array, tanh_constant: float = 1.5,
+                prior: jax.Array | None = None) -> Sample:
   """Greedy decoding: the most likely op at every step."""
-  arch, log_p = _decode(params, mask, tanh_constant, lambda node, lp: jnp.argmax(lp))
+  arch, log_p = _decode(params, mask, tanh_constant, lambda node, lp: jnp.argmax(lp), prior)
   return _summarise(arch, log_p)
 
 
 def log_probs(params: Params, arch: jax.Array, mask: jax.Array,
-              tanh_constant: float = 1.5) -> jax.Array:
+              tanh_constant: float = 1.5, prior: jax.Array | None = None) -> jax.Array:
   """Teacher-forced masked log-softmaxes ``(num_nodes, num_ops)`` for a given ``arch``."""
-  _, log_p = _decode(params, mask, tanh_constant, lambda node, lp: arch[node])
+  _, log_p = _decode(params, mask, tanh_constant, lambda node, lp: arch[node], prior)
   return log_p
 
 
 def log_prob(params: Params, arch: jax.Array, mask: jax.Array,
-             tanh_constant: float = 1.5) -> Sample:
+             tanh_constant: float = 1.5, prior: jax.Array | None = None) -> Sample:
   """Scores a given ``arch (num_nodes,)``; the returned ``log_prob`` is differentiable."""
-  return _summarise(jnp.asarray(arch, jnp.int32), log_probs(params, arch, mask, tanh_constant))
+  return _summarise(jnp.asarray(arch, jnp.int32),
+                    log_probs(params, arch, mask, tanh_constant, prior))
 
 
-def uniform_sample(key: jax.Array, mask: jax.Array) -> jax.Array:
-  """``(num_nodes,)`` int32: each node's op uniformly among its allowed ops (pretraining)."""
-  logits = jnp.where(mask, 0.0, _MASKED_LOGIT)
+def uniform_sample(key: jax.Array, mask: jax.Array, prior: jax.Array | None = None) -> jax.Array:
+  """``(num_nodes,)`` int32: each node's op uniformly among its allowed ops (pretraining),
+  or with ``prior`` from ``softmax(prior)`` over them (the untrained policy's start)."""
+  logits = jnp.where(mask, _prior_or_zeros(prior, mask), _MASKED_LOGIT)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -228,7 +265,7 @@ def _decode_joint(params: Params, mask: jax.Array, tanh_constant: float, choose_
     h, c, x, anchors, anchors_w1 = carry
     layer, layer_mask = inputs
     h, c = _lstm_cell(params['lstm_kernel'], x, h, c)
-    op_log_p = jax.nn.log_softmax(_masked_logits(params, h, layer_mask, tanh_constant))
+    op_log_p = jax.nn.log_softmax(_masked_logits(params, h, layer_mask, tanh_constant, 0.0))
     op = choose_op(layer, op_log_p)
     h, c = _lstm_cell(params['lstm_kernel'], params['op_embedding'][op], h, c)
     query = jnp.tanh(anchors_w1 + h @ params['attn_w2']) @ params['attn_v']   # (L,)

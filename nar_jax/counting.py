@@ -16,8 +16,9 @@ ArcFace's reference figures (about 43.6M params and 6.31 G MACs for IR-50 at
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from nar_jax import joint, ops
@@ -121,6 +122,7 @@ def count_joint_architecture(space: JointSpace, arch: Sequence[Any], image_hw: t
   _, skips = joint.split(np.asarray(space.validate(arch)), space.num_layers)
   ops_ = [entry['op'] for entry in space.names(arch)]
   needed = joint.needed_reductions(skips, space.pool_layers)
+  reductions = joint_reduction_counts(space, image_hw)
   hw = tuple(image_hw)
   channels = space.stage_channels(0)
   total = ops.count_conv(ops.ConvLayer(3, in_channels, channels), hw) + ops.count_bn(channels)
@@ -132,13 +134,65 @@ def count_joint_architecture(space: JointSpace, arch: Sequence[Any], image_hw: t
       total += ops.count_bn(channels)
     if j in space.pool_layers:
       k = space.pool_layers.index(j)
-      out = space.stage_channels(k + 1)
-      hw = tuple(-(-s // 2) for s in hw)
-      half = ops.count_conv(ops.ConvLayer(1, channels, out // 2), hw)
-      reduction = half + half + ops.count_bn(out)
       for _ in range(int(np.sum(needed[k]))):
-        total += reduction
-      channels = out
+        total += reductions[k]
+      hw = tuple(-(-s // 2) for s in hw)
+      channels = space.stage_channels(k + 1)
   if embedding_size is not None:
     return total + count_face_head(last_hw, last_channels, embedding_size, num_classes)
   return total + count_dense(last_channels, num_classes)
+
+
+def joint_reduction_counts(space: JointSpace, image_hw: tuple[int, int]) -> list[ops.Counts]:
+  """Counts of one factorized reduction at each pool layer of ``space`` (two 1x1 convs
+  to half the next stage's channels on the stride-2 grid, then BN)."""
+  hw, channels, counts = tuple(image_hw), space.stage_channels(0), []
+  for k, _ in enumerate(space.pool_layers):
+    out = space.stage_channels(k + 1)
+    hw = tuple(-(-s // 2) for s in hw)
+    half = ops.count_conv(ops.ConvLayer(1, channels, out // 2), hw)
+    counts.append(half + half + ops.count_bn(out))
+    channels = out
+  return counts
+
+
+def macs_model(space: SearchSpace | JointSpace, image_hw: tuple[int, int], in_channels: int,
+               num_classes: int, embedding_size: int | None = None) -> Callable[[Any], Any]:
+  """A jittable ``arch -> MACs`` (float32 scalar) of the fixed networks of ``space``.
+
+  It equals :func:`count_architecture` (or :func:`count_joint_architecture`) with the
+  same arguments for every architecture, and takes a traced ``arch`` (op indices, or
+  the flat joint vector), so a controller update can price the architectures it
+  samples. A node's operator changes the MACs of that node alone, so the count is
+  ``baseline + sum_j table[j, arch_j]`` with ``table[j, k]`` the change of setting node
+  ``j`` of the baseline to op ``k``; in the joint space each factorized reduction
+  the architecture needs (:func:`nar_jax.joint.needed_reductions`) adds its MACs.
+  """
+  joint_space = isinstance(space, JointSpace)
+  count = count_joint_architecture if joint_space else count_architecture
+  macs = lambda arch: count(space, arch, image_hw, in_channels, num_classes, embedding_size).macs
+  baseline = np.asarray(space.baseline())
+  positions = space.op_positions() if joint_space else np.arange(space.num_nodes)
+  mask = space.candidate_mask()
+  table = np.zeros(mask.shape, np.float64)
+  for j, position in enumerate(positions):
+    for k in np.flatnonzero(mask[j]):
+      arch = baseline.copy()
+      arch[position] = k
+      table[j, k] = macs(tuple(arch)) - macs(tuple(baseline))
+  base_macs = float(macs(tuple(baseline)))
+  if not joint_space:
+    return lambda arch: base_macs + jnp.sum(jnp.asarray(table, jnp.float32)[
+        jnp.arange(len(positions)), jnp.asarray(arch)])
+  reduction_macs = np.array([c.macs for c in joint_reduction_counts(space, image_hw)], np.float64)
+  needed_count = lambda arch: joint.needed_reductions(
+      joint.split(arch, space.num_layers)[1], space.pool_layers).sum(-1)
+  base_macs -= float(np.dot(reduction_macs, needed_count(baseline)))
+
+  def joint_macs(arch):
+    arch = jnp.asarray(arch)
+    op_macs = jnp.sum(jnp.asarray(table, jnp.float32)[jnp.arange(len(positions)), arch[positions]])
+    return base_macs + op_macs + jnp.dot(jnp.asarray(reduction_macs, jnp.float32),
+                                         needed_count(arch).astype(jnp.float32))
+
+  return joint_macs

@@ -18,7 +18,7 @@ import json
 import os
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ import numpy as np
 
 from nar_jax import alternating
 from nar_jax import config as config_lib
-from nar_jax import counting, data, margins, ops, report, train, verification
+from nar_jax import controller as controller_lib
+from nar_jax import counting, data, margins, ops, reinforce, report, train, verification
 from nar_jax import policy as policy_lib
 from nar_jax.checkpoint import PhaseCheckpoints
 from nar_jax.data import faces, synthetic_faces
@@ -165,7 +166,41 @@ class Experiment:
     if self.joint:
       return policy_lib.joint_policy(self.space, c.tanh_constant, c.hidden, c.init_range,
                                      c.skip_target, c.skip_weight, search)
-    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range)
+    prior = (controller_lib.original_prior(self.mask, self.space.baseline(), c.original_prob)
+             if c.original_prob > 0 else None)
+    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range, prior)
+
+  def count_arguments(self) -> tuple[tuple[int, int], int, int, int | None]:
+    """``(image_hw, in_channels, num_classes, embedding_size)`` of :meth:`counts`: face
+    networks without their classifier (the paper's and ArcFace's convention: the
+    classifier is dropped after training)."""
+    h, w, c = self.splits.image_shape
+    num_classes = 0 if self.faces else self.splits.num_classes
+    # IR spaces carry their embedding size; model.head='face' uses model.embedding_size.
+    embedding_size = (self.config.model.embedding_size
+                      if self.faces and not config_lib.is_face_model(self.config) else None)
+    return (h, w), c, num_classes, embedding_size
+
+  @functools.cached_property
+  def cost(self) -> reinforce.CostReward | None:
+    """The resource-aware reward of ``config.search.cost``, or ``None`` (accuracy alone)."""
+    cfg = self.config.search.cost
+    if cfg.target_macs == 0:
+      return None
+    target = cfg.target_macs
+    if target <= 1:
+      target *= self.counts(self.space.baseline()).macs
+    return reinforce.CostReward(counting.macs_model(self.retrain_space, *self.count_arguments()),
+                                float(target), cfg.weight, cfg.weight_below)
+
+  def score(self, valid_acc: float, arch) -> float:
+    """What derive ranks architectures by: the controller's reward without its entropy
+    bonus (accuracy, times the cost factor when ``config.search.cost`` is set)."""
+    if self.cost is None:
+      return valid_acc
+    c = self.cost
+    return float(reinforce.cost_aware_reward(valid_acc, self.counts(arch).macs, c.target_macs,
+                                             c.weight, c.weight_below))
 
   @property
   def used_mask(self) -> train.UsedMask:
@@ -213,17 +248,10 @@ class Experiment:
                   bn_axis_name=train.DATA_AXIS, **self.face_head_kwargs)
 
   def counts(self, arch) -> ops.Counts:
-    """Parameters and MACs of ``arch``; face networks without their classifier (the
-    paper's and ArcFace's convention: the classifier is dropped after training)."""
-    h, w, c = self.splits.image_shape
-    num_classes = 0 if self.faces else self.splits.num_classes
-    # IR spaces carry their embedding size; model.head='face' uses model.embedding_size.
-    embedding_size = (self.config.model.embedding_size
-                      if self.faces and not config_lib.is_face_model(self.config) else None)
+    """Parameters and MACs of ``arch`` (:meth:`count_arguments`)."""
     if self.joint:
-      return counting.count_joint_architecture(self.retrain_space, arch, (h, w), c, num_classes,
-                                               embedding_size)
-    return counting.count_architecture(self.space, arch, (h, w), c, num_classes, embedding_size)
+      return counting.count_joint_architecture(self.retrain_space, arch, *self.count_arguments())
+    return counting.count_architecture(self.space, arch, *self.count_arguments())
 
   def result_path(self, phase: str) -> str:
     return os.path.join(self.workdir, 'results', f'{phase}.json')
@@ -550,9 +578,13 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
   ckpt = PhaseCheckpoints(exp.workdir, 'search')
   state, meta = _resume(ckpt, state, exp, 'search')
   done, epochs = meta['epoch'], exp.config.search.epochs
+  random_search = exp.config.search.method == 'random'
   if done < epochs:
     tx = _child_optimizer(exp)
-    step_fn = _child_step(exp, tx, lambda key, params: policy.sample(params, key).arch)
+    if random_search:  # the untrained policy's architectures, no controller updates
+      step_fn = _child_step(exp, tx, lambda key, _: policy.uniform(key))
+    else:
+      step_fn = _child_step(exp, tx, lambda key, params: policy.sample(params, key).arch)
     update_fn = controller_update(exp, policy, ctrl_tx)
     reward_data = _reward_data(exp)
     batch = exp.config.child.batch_size
@@ -566,8 +598,8 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
       ctrl = state['controller']
       tick = time.time()
       epoch_key = jax.random.fold_in(exp.key('controller'), epoch)
-      ctrl, update_metrics = controller_updates(exp, update_fn, ctrl, child.variables,
-                                                reward_data, epoch, epoch_key)
+      ctrl, update_metrics = ((ctrl, []) if random_search else controller_updates(
+          exp, update_fn, ctrl, child.variables, reward_data, epoch, epoch_key))
       for u, m in enumerate(update_metrics):
         exp.log.record(phase='controller', epoch=epoch + 1, update=u + 1, **m)
       if update_metrics:
@@ -585,7 +617,8 @@ def controller_update(exp: Experiment, policy: policy_lib.Policy, ctrl_tx) -> Ca
   return train.make_controller_update(
       exp.model(), ctrl_tx, exp.mesh, policy=policy, mean=exp.splits.mean, std=exp.splits.std,
       entropy_weight=c.entropy_weight, baseline_decay=c.baseline_decay,
-      batch_statistics=exp.config.search.batch_statistics, reward=exp.config.search.reward)
+      batch_statistics=exp.config.search.batch_statistics, reward=exp.config.search.reward,
+      cost=exp.cost)
 
 
 def controller_updates(exp: Experiment, update_fn: Callable, ctrl: train.ControllerState,
@@ -625,7 +658,8 @@ def score_proposals(exp: Experiment, eval_fn: Callable, variables: Any,
   :func:`supernet_eval_step`), dropping repeated architectures.
 
   Returns one dict per distinct architecture: ``source``, ``arch`` (readable),
-  ``op_indices`` (the vector), ``log_prob``, ``valid_acc``.
+  ``op_indices`` (the vector), ``log_prob``, ``valid_acc``, ``macs`` and ``score``
+  (:meth:`Experiment.score`, what derive ranks by).
   """
   seen, candidates = set(), []
   for source, s in proposals:
@@ -634,29 +668,46 @@ def score_proposals(exp: Experiment, eval_fn: Callable, variables: Any,
       continue
     seen.add(arch)
     scores = evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(arch))
+    macs = exp.counts(arch).macs
     candidates.append({'source': source, 'arch': exp.space.names(arch), 'op_indices': list(arch),
-                       'log_prob': float(s.log_prob), 'valid_acc': scores['accuracy']})
-    exp.log.info(f'[{phase}] {source}: valid acc {scores["accuracy"]:.4f} '
+                       'log_prob': float(s.log_prob), 'valid_acc': scores['accuracy'],
+                       'macs': macs, 'score': exp.score(scores['accuracy'], arch)})
+    exp.log.info(f'[{phase}] {source}: valid acc {scores["accuracy"]:.4f} score '
+                 f'{candidates[-1]["score"]:.4f} MACs {macs:,} '
                  f'{report.arch_text(candidates[-1]["arch"])}')
   return candidates
 
 
 def run_derive(exp: Experiment, search: dict[str, Any]) -> dict[str, Any]:
   """Scores the controller's most likely and ``num_samples`` sampled architectures on the
-  whole validation split with the shared weights; keeps the best (first on ties)."""
+  whole validation split with the shared weights; keeps the best score (first on ties).
+
+  Random search (``search.method='random'``) scores ``num_samples`` architectures of the
+  untrained policy (``policy.uniform``) instead: the best of N random architectures.
+  """
   policy = exp.policy()
   params = search['controller'].params
-  proposals = [('most_likely', policy.most_likely(params))]
   keys = jax.random.split(exp.key('derive'), exp.config.derive.num_samples)
-  proposals += [(f'sample_{i}', policy.sample(params, k)) for i, k in enumerate(keys)]
+  if exp.config.search.method == 'random':
+    proposals = [(f'random_{i}', _Proposal(policy.uniform(k), 0.0)) for i, k in enumerate(keys)]
+  else:
+    proposals = [('most_likely', policy.most_likely(params))]
+    proposals += [(f'sample_{i}', policy.sample(params, k)) for i, k in enumerate(keys)]
   variables = search['child'].variables
   eval_fn = supernet_eval_step(exp)
   candidates = score_proposals(exp, eval_fn, variables, proposals, 'derive')
-  best = max(candidates, key=lambda cand: cand['valid_acc'])
+  best = max(candidates, key=lambda cand: cand['score'])
   baseline = exp.space.baseline()
   baseline_scores = evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(baseline))
   return {'best': best, 'candidates': candidates,
           'baseline': {'arch': exp.space.names(baseline), 'valid_acc': baseline_scores['accuracy']}}
+
+
+class _Proposal(NamedTuple):
+  """A proposal that is not a controller sample (random search): ``log_prob`` 0."""
+
+  arch: jax.Array
+  log_prob: float
 
 
 def run_alternating(exp: Experiment, child: train.TrainState) -> tuple[dict[str, Any], list]:

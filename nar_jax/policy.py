@@ -64,24 +64,28 @@ class Policy(NamedTuple):
 
 
 def operator_policy(mask: np.ndarray, tanh_constant: float = 1.5, hidden: int = 64,
-                    init_range: float = 0.1) -> Policy:
+                    init_range: float = 0.1, prior: np.ndarray | None = None) -> Policy:
   """NAR's controller: one operator per node of ``mask (num_nodes, num_ops)``.
 
+  ``prior``: optional ``(num_nodes, num_ops)`` logit offsets added to every decision
+  (:func:`nar_jax.controller.original_prior`: start the search near the base network);
+  ``uniform`` then samples from ``softmax(prior)``, the untrained policy's start.
   Loss: :func:`nar_jax.reinforce.reinforce_loss`; diagnostics:
   :func:`nar_jax.reinforce.operator_update_diagnostics`.
   """
   mask = jnp.asarray(mask, bool)
+  prior = None if prior is None else jnp.asarray(prior, jnp.float32)
   return Policy(
       kind='operators', search='operators', num_args=0,
       init=lambda key: controller.init(key, mask.shape[1], hidden, init_range),
-      sample=lambda params, key: controller.sample(params, key, mask, tanh_constant),
-      most_likely=lambda params: controller.most_likely(params, mask, tanh_constant),
-      score=lambda params, arch: controller.log_prob(params, arch, mask, tanh_constant),
-      uniform=lambda key: controller.uniform_sample(key, mask),
+      sample=lambda params, key: controller.sample(params, key, mask, tanh_constant, prior),
+      most_likely=lambda params: controller.most_likely(params, mask, tanh_constant, prior),
+      score=lambda params, arch: controller.log_prob(params, arch, mask, tanh_constant, prior),
+      uniform=lambda key: controller.uniform_sample(key, mask, prior),
       loss=lambda scored, advantages: reinforce.reinforce_loss(scored.log_prob, advantages),
       diagnostics=lambda params, archs, rewards, advantages: (
           reinforce.operator_update_diagnostics(params, archs, rewards, advantages, mask,
-                                                tanh_constant)),
+                                                tanh_constant, prior)),
   )
 
 

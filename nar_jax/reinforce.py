@@ -21,6 +21,8 @@ same for an operator-only search.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -42,6 +44,36 @@ def ema_advantages(baseline: jax.Array, rewards: jax.Array,
     return b, reward - b
 
   return jax.lax.scan(step, jnp.asarray(baseline, jnp.float32), rewards)
+
+
+class CostReward(NamedTuple):
+  """MnasNet's resource constraint on the controller's reward (:func:`cost_aware_reward`).
+
+  ``macs`` is a jittable ``arch -> MACs`` (:func:`nar_jax.counting.macs_model`);
+  ``weight`` is the exponent above ``target_macs`` and ``weight_below`` at or below it.
+  """
+
+  macs: Callable[[jax.Array], jax.Array]
+  target_macs: float
+  weight: float
+  weight_below: float
+
+
+def cost_aware_reward(accuracy: jax.Array, macs: jax.Array, target_macs: float,
+                      weight: float, weight_below: float | None = None) -> jax.Array:
+  """MnasNet's ``ACC(m) * (MACs(m) / T) ** w`` (Tan et al. 2019, eq. 2), elementwise.
+
+  ``w = weight_below`` where ``MACs <= T`` and ``weight`` above it; ``weight_below=None``
+  uses ``weight`` on both sides (MnasNet's soft constraint). With ``w = -0.07`` a network
+  at the target keeps its accuracy, one with twice the target's MACs loses
+  ``1 - 2 ** -0.07`` (4.7%) of it, one with half gains 5.0%. ``weight_below=0`` and
+  ``weight=-1`` is MnasNet's hard constraint: no gain below the target, accuracy
+  scaled by ``T / MACs`` above it.
+  """
+  ratio = macs / target_macs
+  if weight_below is None or weight_below == weight:
+    return accuracy * ratio ** weight
+  return accuracy * jnp.where(ratio <= 1.0, ratio ** weight_below, ratio ** weight)
 
 
 def reinforce_loss(log_probs: jax.Array, advantages: jax.Array) -> jax.Array:
@@ -127,14 +159,16 @@ def assigned_skip_rewards(skips: jax.Array, rewards: jax.Array) -> jax.Array:
 
 def operator_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
                                 advantages: jax.Array, mask: jax.Array,
-                                tanh_constant: float) -> dict[str, jax.Array]:
+                                tanh_constant: float,
+                                prior: jax.Array | None = None) -> dict[str, jax.Array]:
   """Diagnostics of one operator-only (NAR) controller update.
 
   Args:
     params: controller parameters (:func:`nar_jax.controller.init`) the archs were
       sampled from.
     archs: ``(M, num_nodes)`` sampled op indices; ``rewards, advantages (M,)``.
-    mask: ``(num_nodes, num_ops)`` candidate mask.
+    mask: ``(num_nodes, num_ops)`` candidate mask; ``prior``: the policy's logit
+      offsets (:func:`nar_jax.controller.original_prior`), or ``None``.
 
   Returns a dict: ``grad_norm_ops`` (norm of the REINFORCE gradient), ``op_probs``
   ``(num_nodes, num_ops)`` (teacher-forced ``p(O_j | context)`` averaged over the
@@ -142,11 +176,12 @@ def operator_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
   (averaged the same way) and ``op_rewards`` (eq. 6, ``(num_nodes, num_ops)``).
   """
   def loss(p):
-    scored = jax.vmap(controller.log_prob, (None, 0, None, None))(p, archs, mask, tanh_constant)
+    scored = jax.vmap(controller.log_prob, (None, 0, None, None, None))(
+        p, archs, mask, tanh_constant, prior)
     return (reinforce_loss(scored.log_prob, advantages),)
 
-  op_log_p = jax.vmap(controller.log_probs, (None, 0, None, None))(params, archs, mask,
-                                                                   tanh_constant)
+  op_log_p = jax.vmap(controller.log_probs, (None, 0, None, None, None))(
+      params, archs, mask, tanh_constant, prior)
   return {
       'grad_norm_ops': term_gradient_norms(loss, params)[0],
       'op_probs': jnp.mean(jnp.exp(op_log_p), axis=0),

@@ -71,6 +71,12 @@ def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
     }
     if 'alternating' in derived:
       result['alternating'] = derived['alternating']
+    if exp.cost is not None:
+      result['search']['cost'] = {
+          'target_macs': exp.cost.target_macs, 'weight': exp.cost.weight,
+          'weight_below': exp.cost.weight_below,
+          'refined_macs_over_target': result['refined']['macs'] / exp.cost.target_macs,
+          'baseline_macs_over_target': result['baseline']['macs'] / exp.cost.target_macs}
     fixed = result['refined']['retrain_step_s']
     if derived['supernet_step_s'] and fixed:
       result['search']['supernet_over_fixed_step'] = derived['supernet_step_s'] / fixed
@@ -137,10 +143,17 @@ def markdown(result: dict[str, Any]) -> str:
         + (f' ({s["supernet_over_fixed_step"]:.2f}x the refined fixed network\'s step).'
            if 'supernet_over_fixed_step' in s else '.'),
         '',
-        '| candidate | valid acc (shared weights) | log-prob |',
-        '| --- | ---: | ---: |',
     ]
-    lines += [f'| {c["source"]} | {c["valid_acc"]:.4f} | {c["log_prob"]:.2f} |'
+    if 'cost' in s:
+      cost = s['cost']
+      lines += [f'Cost-aware reward: accuracy x (MACs / {cost["target_macs"]:,.0f}) ^ w, '
+                f'w = {cost["weight"]} above the target, {cost["weight_below"]} below; '
+                f'the refined network has {cost["refined_macs_over_target"]:.2f}x '
+                f'the target MACs, the baseline {cost["baseline_macs_over_target"]:.2f}x.', '']
+    lines += ['| candidate | valid acc (shared weights) | MACs | score | log-prob |',
+              '| --- | ---: | ---: | ---: | ---: |']
+    lines += [f'| {c["source"]} | {c["valid_acc"]:.4f} | {_fmt(c.get("macs"), ",")} | '
+              f'{_fmt(c.get("score"), ".4f")} | {c["log_prob"]:.2f} |'
               for c in s['candidates']]
   return '\n'.join(lines) + '\n'
 

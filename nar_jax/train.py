@@ -451,7 +451,7 @@ def _verification_reward(model, mesh, mean, std, batch_statistics):
 def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                            policy: policy_lib.Policy, mean, std, entropy_weight: float,
                            baseline_decay: float, batch_statistics: bool = True,
-                           reward: str = 'accuracy'):
+                           reward: str = 'accuracy', cost: reinforce.CostReward | None = None):
   """Builds one jitted controller update (ENAS, DESIGN.md section 4).
 
   ``update(ctrl_state, child_variables, images (M, B, H, W, C), targets, key, *args)``
@@ -468,19 +468,22 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
   ``reward='accuracy'``: classification accuracy; ``targets`` = labels ``(M, B)``.
   ``reward='verification'`` (faces): the ``B`` images are ``B / 2`` pairs (``2i``,
   ``2i + 1``), ``targets`` = issame ``(M, B / 2)``, the reward their verification accuracy.
+  ``cost``: optional resource-aware reward (:class:`nar_jax.reinforce.CostReward`).
   """
   if reward not in ('accuracy', 'verification'):
     raise ValueError(f"unknown reward {reward!r}; use 'accuracy' or 'verification'")
   make_reward = _accuracy_reward if reward == 'accuracy' else _verification_reward
   return make_policy_update(policy, tx, make_reward(model, mesh, mean, std, batch_statistics),
-                            entropy_weight=entropy_weight, baseline_decay=baseline_decay)
+                            entropy_weight=entropy_weight, baseline_decay=baseline_decay,
+                            cost=cost)
 
 
 RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformation,
-                       reward_fn: RewardFn, *, entropy_weight: float, baseline_decay: float):
+                       reward_fn: RewardFn, *, entropy_weight: float, baseline_decay: float,
+                       cost: reinforce.CostReward | None = None):
   """The controller update of :func:`make_controller_update` for any reward.
 
   ``reward_fn(child_variables, archs (M, ...), images, targets) -> (M,)`` scores the
@@ -492,6 +495,9 @@ def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformati
   * ``controller_loss``, ``reward`` (mean over the ``M`` samples, entropy bonus
     included), ``valid_acc`` (mean of ``reward_fn``), ``baseline``, ``entropy`` (mean
     per-architecture sum of the op entropies), ``grad_norm`` (norm of the loss gradient);
+  * with ``cost`` (MnasNet's constraint, :func:`nar_jax.reinforce.cost_aware_reward`:
+    each sample's accuracy times ``(MACs / target) ** w`` before the entropy bonus),
+    ``macs``: the samples' mean MACs;
   * the policy's diagnostics of the same samples, advantages and parameters (before
     the step): ``grad_norm_ops``, ``op_probs``, ``op_entropy``, ``op_rewards`` (eq. 6)
     and, for joint policies, ``grad_norm_skips``, ``skip_probs``, ``skip_entropy``,
@@ -506,7 +512,12 @@ def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformati
     keys = jax.random.split(key, images.shape[0])
     samples = jax.vmap(lambda k: policy.sample(state.params, k, *args))(keys)
     accuracy = reward_fn(child_variables, samples.arch, images, targets)
-    rewards = accuracy + entropy_weight * samples.sample_entropy
+    quality = accuracy
+    if cost is not None:
+      macs = jax.vmap(cost.macs)(samples.arch)
+      quality = reinforce.cost_aware_reward(accuracy, macs, cost.target_macs, cost.weight,
+                                              cost.weight_below)
+    rewards = quality + entropy_weight * samples.sample_entropy
     baseline, advantages = reinforce.ema_advantages(state.baseline, rewards, baseline_decay)
 
     def loss_fn(params):
@@ -525,6 +536,8 @@ def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformati
         'grad_norm': optax.tree.norm(grads),
         **policy.diagnostics(state.params, samples.arch, rewards, advantages, *args),
     }
+    if cost is not None:
+      metrics['macs'] = jnp.mean(macs)
     return ControllerState(params, opt_state, baseline), metrics
 
   return update

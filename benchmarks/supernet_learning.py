@@ -1,0 +1,131 @@
+"""How fast shared weights learn under uniform single-path training, per supernet option.
+
+Trains the quickstart supernet (or any config's) for ``--epochs`` epochs with a
+uniformly random architecture per minibatch, then scores ``--archs`` fixed random
+architectures and the baseline on the validation split with the shared weights.
+Prints one JSON line per setting: per-epoch train loss / accuracy and the final
+validation accuracies.
+
+  PYTHONPATH=. python benchmarks/supernet_learning.py --settings=default,lr0.2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from nar_jax import pipeline, train
+from nar_jax.config import base_config
+
+_SETTINGS = flags.DEFINE_list('settings', ['default'], 'comma-separated settings')
+_EPOCHS = flags.DEFINE_integer('epochs', 4, 'epochs of uniform training')
+_ARCHS = flags.DEFINE_integer('archs', 4, 'random architectures scored at the end')
+_CONFIG = flags.DEFINE_string('config', 'configs/quickstart.py', 'config file')
+
+
+def load(path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def apply_setting(c, setting):
+  """``setting``: ``key=value`` pairs joined by ``+`` (config fields), or ``default``."""
+  if setting == 'default':
+    return c
+  for part in setting.split(';'):
+    name, value = part.split('=')
+    section = c
+    *parents, leaf = name.split('.')
+    for p in parents:
+      section = section[p]
+    current = section[leaf]
+    section[leaf] = type(current)(value) if not isinstance(current, bool) else value == 'True'
+  return c
+
+
+def sampler_fn(name, exp):
+  mask = jnp.asarray(exp.space.candidate_mask())
+  base = jnp.asarray(exp.space.baseline())
+  uniform = exp.policy().uniform
+  if name == 'baseline':
+    return lambda key: base
+  if name == 'uniform':
+    return uniform
+  if name == 'same':
+    common = jnp.all(mask, axis=0)
+    return lambda key: jnp.full(mask.shape[0], jax.random.categorical(
+        key, jnp.where(common, 0.0, -1e9)), jnp.int32)
+  if name.startswith('mutate:'):
+    q = float(name.split(':')[1])
+    def mutate(key):
+      k1, k2 = jax.random.split(key)
+      keep = jax.random.uniform(k1, mask.shape[:1]) < q
+      return jnp.where(keep, base, uniform(k2))
+    return mutate
+  raise ValueError(name)
+
+
+def run_setting(setting):
+  sampler = 'uniform'
+  if '@' in setting:  # setting@sampler plan
+    setting, sampler = setting.split('@')
+  c = apply_setting(load(_CONFIG.value), setting)
+  c.pretrain.epochs = _EPOCHS.value
+  with tempfile.TemporaryDirectory() as workdir:
+    exp = pipeline.setup(c, workdir)
+    exp.log.verbose = False
+    # sampler: 'name' for every epoch, or 'name*E>name*E' epoch counts in order.
+    plan = []
+    for part in sampler.split('>'):
+      name, _, count = part.partition('*')
+      plan += [name] * int(count or _EPOCHS.value)
+    tx = pipeline._child_optimizer(exp)
+    c.pretrain.epochs = 0
+    state = pipeline.run_pretrain(exp)   # the initial state only
+    steps = {name: pipeline._child_step(exp, tx, lambda key, _, f=sampler_fn(name, exp): f(key))
+             for name in set(plan)}
+    batch = c.child.batch_size
+    per_epoch = pipeline.data.num_batches(exp.splits.train, batch)
+    progress = pipeline.Progress(exp.log, 'pretrain', len(plan) * per_epoch)
+    tick = time.time()
+    epochs = []
+    for epoch, name in enumerate(plan):
+      state, stats = pipeline.train_epoch(exp, steps[name], state, exp.splits.train, batch, epoch,
+                                          exp.key('pretrain'), None, progress)
+      epochs.append({'train_loss': stats['loss'], 'train_acc': stats['accuracy']})
+    seconds = time.time() - tick
+  eval_fn = pipeline.supernet_eval_step(exp)
+  rng = np.random.default_rng(0)
+  mask = exp.space.candidate_mask()
+  archs = [tuple(int(rng.choice(np.flatnonzero(m))) for m in mask) for _ in range(_ARCHS.value)]
+  scores = [pipeline.evaluate(exp, eval_fn, state.variables, exp.splits.valid,
+                              jnp.asarray(a))['accuracy'] for a in archs]
+  base = pipeline.evaluate(exp, eval_fn, state.variables, exp.splits.valid,
+                           jnp.asarray(exp.space.baseline()))['accuracy']
+  return {'setting': setting, 'sampler': sampler, 'seconds': round(seconds, 1),
+          'train_loss': [round(r['train_loss'], 3) for r in epochs],
+          'train_acc': [round(r['train_acc'], 3) for r in epochs],
+          'valid_random': [round(s, 3) for s in scores], 'valid_baseline': round(base, 3)}
+
+
+def main(argv):
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  del argv
+  train.add_cpu_xla_flags()
+  for setting in _SETTINGS.value:
+    print(json.dumps(run_setting(setting)), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
