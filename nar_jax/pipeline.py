@@ -567,8 +567,9 @@ def _controller_batches(exp: Experiment, reward_data: tuple[Any, np.ndarray], ep
 def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
   """ENAS alternation: a child epoch (controller-sampled architectures), then controller updates.
 
-  Returns ``({'child': TrainState, 'controller': ControllerState}, step_times)``, the
-  latter the median supernet s/step of each search epoch.
+  Returns ``({'child': TrainState, 'controller': ControllerState}, meta)``: ``meta``
+  holds ``step_times`` (the median supernet s/step of each search epoch) and ``curve``
+  (:func:`_epoch_summary` of each epoch).
   """
   c = exp.config.search.controller
   ctrl_tx = train.controller_optimizer(c)
@@ -605,10 +606,24 @@ def run_search(exp: Experiment, child: train.TrainState) -> dict[str, Any]:
       if update_metrics:
         _log_updates(exp, 'search', epoch, update_metrics, time.time() - tick)
       state = {'child': child, 'controller': ctrl}
-      meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']]}
+      meta = {'epoch': epoch + 1, 'step_times': meta['step_times'] + [stats['step_s']],
+              'curve': meta.get('curve', []) + [_epoch_summary(epoch, stats, update_metrics)]}
       ckpt.save(epoch + 1, state, meta)
   ckpt.close()
-  return state, meta['step_times']
+  return state, meta
+
+
+def _epoch_summary(epoch: int, stats: dict[str, float], updates: list[dict]) -> dict[str, Any]:
+  """One row of the search's learning curve: the epoch's shared-weight training loss
+  and accuracy and, when the controller learned, the mean validation accuracy of its
+  sampled architectures, and the entropy and mean MACs of its last update."""
+  row = {'epoch': epoch + 1, 'train_loss': stats['loss'], 'train_acc': stats['accuracy'],
+         'valid_acc': None, 'entropy': None, 'macs': None}
+  if updates:
+    row.update(valid_acc=float(np.mean([m['valid_acc'] for m in updates])),
+               entropy=float(updates[-1]['entropy']),
+               macs=float(updates[-1]['macs']) if 'macs' in updates[-1] else None)
+  return row
 
 
 def controller_update(exp: Experiment, policy: policy_lib.Policy, ctrl_tx) -> Callable:
@@ -910,8 +925,11 @@ def _searched(exp: Experiment) -> dict:
     if exp.config.search.method == 'alternating':
       result, step_times = run_alternating(exp, shared)
     else:
-      search, step_times = run_search(exp, shared)
+      search, meta = run_search(exp, shared)
+      step_times = meta['step_times']
       result = run_derive(exp, search)
+      result['search_curve'] = meta.get('curve', [])
+      result['uniform_entropy'] = float(np.sum(np.log(exp.mask.sum(axis=1))))
     result['search_seconds'] = time.time() - tick
     result['supernet_step_s'] = _median(step_times)
     return result

@@ -71,6 +71,9 @@ def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
     }
     if 'alternating' in derived:
       result['alternating'] = derived['alternating']
+    if derived.get('search_curve'):
+      result['search']['curve'] = derived['search_curve']
+      result['search']['uniform_entropy'] = derived['uniform_entropy']
     if exp.cost is not None:
       result['search']['cost'] = {
           'target_macs': exp.cost.target_macs, 'weight': exp.cost.weight,
@@ -150,12 +153,32 @@ def markdown(result: dict[str, Any]) -> str:
                 f'w = {cost["weight"]} above the target, {cost["weight_below"]} below; '
                 f'the refined network has {cost["refined_macs_over_target"]:.2f}x '
                 f'the target MACs, the baseline {cost["baseline_macs_over_target"]:.2f}x.', '']
+    if 'curve' in s:
+      lines += _curve_lines(s['curve'], s['uniform_entropy'])
     lines += ['| candidate | valid acc (shared weights) | MACs | score | log-prob |',
               '| --- | ---: | ---: | ---: | ---: |']
     lines += [f'| {c["source"]} | {c["valid_acc"]:.4f} | {_fmt(c.get("macs"), ",")} | '
               f'{_fmt(c.get("score"), ".4f")} | {c["log_prob"]:.2f} |'
               for c in s['candidates']]
   return '\n'.join(lines) + '\n'
+
+
+def _curve_lines(curve: list[dict[str, Any]], uniform_entropy: float) -> list[str]:
+  """The search's learning curve, one row per epoch (:func:`nar_jax.pipeline._epoch_summary`)."""
+  lines = ['Learning during the search: the shared weights\' training accuracy on the '
+           'architectures they were trained with, the mean validation accuracy (shared '
+           "weights) of the controller's samples, and the controller's entropy (the sum over "
+           f'nodes; {uniform_entropy:.2f} is uniform) and mean sampled MACs at the end of each '
+           'epoch.', '',
+           '| epoch | train acc (shared weights) | valid acc of samples | entropy | '
+           '% of uniform | sampled MACs |',
+           '| ---: | ---: | ---: | ---: | ---: | ---: |']
+  for row in curve:
+    share = None if row['entropy'] is None else 100 * row['entropy'] / uniform_entropy
+    lines.append(f'| {row["epoch"]} | {row["train_acc"]:.4f} | {_fmt(row["valid_acc"], ".4f")} | '
+                 f'{_fmt(row["entropy"], ".2f")} | {_fmt(share, ".1f")} | '
+                 f'{_fmt(row["macs"], ",.0f")} |')
+  return lines + ['']
 
 
 def _alternating_lines(alt: dict[str, Any]) -> list[str]:
