@@ -6,7 +6,7 @@ command again continues an interrupted phase from its last checkpoint and skips
 finished ones. All randomness is derived from ``config.seed`` and the (phase,
 epoch, step) position, so a resumed run computes what an uninterrupted run computes.
 
-Outputs in the workdir: ``arch.json``, ``metrics.jsonl``, ``report.md``,
+Outputs in the workdir: ``config.json``, ``arch.json``, ``metrics.jsonl``, ``report.md``,
 ``report.json``, ``checkpoints/``, ``results/``.
 """
 
@@ -40,7 +40,13 @@ from nar_jax.models.resnet import ResNet
 from nar_jax.space import SearchSpace, ir_space, resnet_space
 
 _PHASE_KEYS = {'init': 0, 'pretrain': 1, 'search': 2, 'derive': 3, 'retrain_baseline': 4,
-               'retrain_refined': 5, 'controller': 6}
+               'retrain_refined': 5, 'controller': 6, 'evaluate_random': 7, 'retrain_random': 8}
+_INDEXED_PHASES = ('retrain_random',)
+"""Phase families ``<family>_<i>`` (e.g. ``retrain_random_03``, the search evaluation's
+i-th random architecture): each member's key is the family's key folded with ``i``."""
+
+CONFIG_FILE = 'config.json'
+"""The resolved config of a run, written by :func:`setup` into its workdir."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -121,6 +127,12 @@ class Experiment:
     return self.space.candidate_mask()
 
   def key(self, phase: str) -> jax.Array:
+    """The RNG key of ``phase``: a name of ``_PHASE_KEYS``, or ``<family>_<i>`` of an
+    indexed family (``_INDEXED_PHASES``)."""
+    family, _, index = phase.rpartition('_')
+    if family in _INDEXED_PHASES and index.isdigit():
+      return jax.random.fold_in(jax.random.fold_in(self.root_key, _PHASE_KEYS[family]),
+                                int(index))
     return jax.random.fold_in(self.root_key, _PHASE_KEYS[phase])
 
   @property
@@ -269,10 +281,15 @@ class Experiment:
 
 def _write_json(path: str, obj: Any) -> None:
   """Writes atomically: a finished phase's record is either complete or absent."""
+  _write_text(path, json.dumps(obj, indent=2))
+
+
+def _write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (a temporary file, then a rename)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
+    f.write(text)
   os.replace(tmp, path)
 
 
@@ -357,13 +374,15 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> data.Splits:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
-  """Validates the config and builds the data, space, mesh and log."""
+  """Validates the config, writes it to ``<workdir>/config.json`` (:data:`CONFIG_FILE`)
+  and builds the data, space, mesh and log."""
   config_lib.validate(config)
   mesh = train.make_mesh(config.num_devices)
   for name in ('child.batch_size', 'retrain.batch_size', 'search.controller.valid_batch_size',
                'eval_batch_size'):
     train.check_batch_size(config_lib.field(config, name), mesh, f'config.{name}')
   os.makedirs(workdir, exist_ok=True)
+  _write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2) + '\n')
   log = Log(workdir)
   ds = config.dataset
   splits = load_data(config, workdir)
