@@ -164,8 +164,9 @@ class Experiment:
     c = self.config.search.controller
     if self.joint:
       return policy_lib.joint_policy(self.space, c.tanh_constant, c.hidden, c.init_range,
-                                     c.skip_target, c.skip_weight, search)
-    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range)
+                                     c.skip_target, c.skip_weight, search,
+                                     controller_kind=c.kind)
+    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range, c.kind)
 
   @property
   def used_mask(self) -> train.UsedMask:
