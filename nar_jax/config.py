@@ -15,6 +15,8 @@ from nar_jax import ops
 SEARCH_METHODS = ('controller', 'alternating', 'random')
 DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces')
 FACE_DATASETS = ('faces', 'synthetic_faces')
+CONTROLLER_KINDS = ('enas', 'node_aware')
+"""``search.controller.kind``: the keys of :data:`nar_jax.controller.VARIANTS`."""
 
 
 def sgd_config(lr_max: float, lr_min: float, t0_epochs: float, t_mul: float,
@@ -31,6 +33,38 @@ def sgd_config(lr_max: float, lr_min: float, t0_epochs: float, t_mul: float,
       lr_max=lr_max, lr_min=lr_min, t0_epochs=t0_epochs, t_mul=t_mul, momentum=momentum,
       nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
       decay_epochs=decay_epochs, decay_factor=decay_factor))
+
+
+def enas_controller() -> ml_collections.ConfigDict:
+  """ENAS's controller, exactly: ``kind='enas'`` (:mod:`nar_jax.controller`), a 64-unit
+  LSTM with weights uniform in +-0.1, logits ``1.5 tanh(.)``, Adam (lr 1e-3, beta1 0,
+  eps 1e-3) on REINFORCE with an EMA baseline (decay 0.99) over 20 architectures per
+  update, entropy bonus weight 1e-4."""
+  return ml_collections.ConfigDict(dict(
+      kind='enas', hidden=64, init_range=0.1, tanh_constant=1.5, entropy_weight=1e-4,
+      baseline_decay=0.99, lr=1e-3, beta1=0.0, eps=1e-3,
+      num_aggregate=20,        # architectures per controller update
+  ))
+
+
+def search_controller(settings: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.search.controller``: the controller ``settings`` (:func:`enas_controller`'s
+  fields) plus the search's schedule, reward batch and skip penalty."""
+  c = ml_collections.ConfigDict(settings)
+  c.update(dict(
+      updates_per_epoch=50,
+      valid_batch_size=128,    # one validation minibatch rewards each architecture
+      # Joint ('enas_macro') searches: ENAS's KL skip penalty toward skip_target,
+      # weighted skip_weight in the controller loss.
+      skip_target=0.4, skip_weight=0.8,
+      # Operator searches: the probability the untrained policy gives each node's
+      # original operator (the base network), the rest spread evenly over the other
+      # candidates; 0 (or at most 1/K): ENAS's near-uniform start. It is the
+      # distribution pretraining and random search sample from, and the controller's
+      # start (controller.original_prior). README, "Shared weights that learn".
+      original_prob=0.0,
+  ))
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,22 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
       # held-out pair set reward_pairs (a .bin name in dataset.data_dir).
       reward='accuracy',
       reward_pairs='',
-      controller=ml_collections.ConfigDict(dict(
-          hidden=64, init_range=0.1, tanh_constant=1.5, entropy_weight=1e-4,
-          baseline_decay=0.99, lr=1e-3, beta1=0.0, eps=1e-3,
-          num_aggregate=20,        # architectures per controller update
-          updates_per_epoch=50,
-          valid_batch_size=128,    # one validation minibatch rewards each architecture
-          # Joint ('enas_macro') searches: ENAS's KL skip penalty toward skip_target,
-          # weighted skip_weight in the controller loss.
-          skip_target=0.4, skip_weight=0.8,
-          # Operator searches: the probability the untrained policy gives each node's
-          # original operator (the base network), the rest spread evenly over the other
-          # candidates; 0 (or at most 1/K): ENAS's near-uniform start. It is the
-          # distribution pretraining and random search sample from, and the controller's
-          # start (controller.original_prior). README, "Shared weights that learn".
-          original_prob=0.0,
-      )),
+      controller=search_controller(enas_controller()),
       # MnasNet's resource constraint: reward = accuracy * (MACs / target) ** w
       # (reinforce.cost_aware_reward), also the score derive ranks by; w = weight above
       # the target and weight_below at or below it (MnasNet's soft constraint: both
@@ -256,6 +275,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
   for op in restricted_ops(config):
     ops.check_op_name(op)
+  c = config.search.controller
+  if c.kind not in CONTROLLER_KINDS:
+    raise ValueError(f'config.search.controller.kind must be one of '
+                     f'{", ".join(CONTROLLER_KINDS)}, got {c.kind!r}')
+  for name in ('lr', 'eps', 'hidden', 'tanh_constant'):
+    if c[name] <= 0:
+      raise ValueError(f'config.search.controller.{name} must be positive, got {c[name]}')
+  for name in ('beta1', 'baseline_decay'):
+    if not 0 <= c[name] < 1:
+      raise ValueError(f'config.search.controller.{name} must be in [0, 1), got {c[name]}')
   if config.search.method not in SEARCH_METHODS:
     raise ValueError(f'config.search.method must be one of {", ".join(SEARCH_METHODS)}, '
                      f'got {config.search.method!r}')

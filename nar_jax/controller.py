@@ -9,6 +9,13 @@ node does not allow are masked out of its softmax, so they are never sampled.
 Everything is a pure function of ``(params, key, mask)`` and runs as one
 ``lax.scan`` over nodes, so sampling can live inside jitted training steps.
 
+Variants (:data:`VARIANTS`, chosen by ``search.controller.kind``): ``'enas'`` is the
+controller above, exactly. ENAS's controller has one softmax shared by every node and
+only the previous op as input, so it cannot tell which node it decides: it learns a
+per-node target slowly (README, "Controller variants"). ``'node_aware'`` adds a
+learned embedding of the node's position to the LSTM input and a learned per-node
+logit bias (zero at init, so the initial policy is ENAS's) after the tanh squashing.
+
 The joint controller (``init_joint`` / ``sample_joint`` / ``log_prob_joint`` /
 ``most_likely_joint``) also samples ENAS's skip connections after each operator,
 for the NAS-Arch baseline over :mod:`nar_jax.joint`'s macro space.
@@ -16,7 +23,7 @@ for the NAS-Arch baseline over :mod:`nar_jax.joint`'s macro space.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +71,63 @@ def init(key: jax.Array, num_ops: int, hidden: int = 64, init_range: float = 0.1
           for k, (name, shape) in zip(keys, sorted(shapes.items()))}
 
 
+class Variant(NamedTuple):
+  """How a controller variant reads a node and scores its ops (pure functions).
+
+  Attributes:
+    init_extra: ``(key, num_nodes, num_ops, hidden, init_range) -> Params``, the
+      parameters the variant adds to :func:`init`'s.
+    step_input: ``(params, node, x (H,)) -> (H,)``, the LSTM input at ``node``'s op
+      decision given the input ``x`` ENAS feeds there.
+    logits: ``(params, node, h (H,), tanh_constant) -> (num_ops,)`` op logits (unmasked).
+  """
+
+  init_extra: Callable[..., Params]
+  step_input: Callable[[Params, jax.Array, jax.Array], jax.Array]
+  logits: Callable[[Params, jax.Array, jax.Array, float], jax.Array]
+
+
+def _enas_logits(params: Params, node: jax.Array, h: jax.Array, tanh_constant: float):
+  """ENAS: ``tanh_constant * tanh(h @ W_softmax)``, the same for every node."""
+  return tanh_constant * jnp.tanh(h @ params['softmax_kernel'])
+
+
+def _node_aware_extra(key: jax.Array, num_nodes: int, num_ops: int, hidden: int,
+                      init_range: float) -> Params:
+  """``node_embedding (num_nodes, H)`` uniform in ``+-init_range``, ``node_bias
+  (num_nodes, num_ops)`` zero."""
+  return {'node_embedding': jax.random.uniform(key, (num_nodes, hidden), jnp.float32,
+                                               -init_range, init_range),
+          'node_bias': jnp.zeros((num_nodes, num_ops), jnp.float32)}
+
+
+ENAS = Variant(
+    init_extra=lambda key, num_nodes, num_ops, hidden, init_range: {},
+    step_input=lambda params, node, x: x,
+    logits=_enas_logits)
+"""ENAS's controller, exactly."""
+
+NODE_AWARE = Variant(
+    init_extra=_node_aware_extra,
+    step_input=lambda params, node, x: x + params['node_embedding'][node],
+    logits=lambda params, node, h, tanh_constant: (
+        _enas_logits(params, node, h, tanh_constant) + params['node_bias'][node]))
+"""ENAS's controller told which node it decides: the LSTM input plus the node's
+embedding, the logits plus the node's bias."""
+
+VARIANTS: dict[str, Variant] = {'enas': ENAS, 'node_aware': NODE_AWARE}
+"""Controller variants by ``search.controller.kind``."""
+
+
+def init_variant(key: jax.Array, variant: Variant, num_nodes: int, num_ops: int,
+                 hidden: int = 64, init_range: float = 0.1) -> Params:
+  """:func:`init`'s parameters (the same for the same ``key``) plus ``variant``'s."""
+  params = init(key, num_ops, hidden, init_range)
+  params.update(variant.init_extra(jax.random.fold_in(key, 1), num_nodes, num_ops, hidden,
+                                   init_range))
+  return params
+
+
 def _lstm_cell(kernel: jax.Array, x: jax.Array, h: jax.Array, c: jax.Array):
   """ENAS's bias-free LSTM cell; ``x, h, c`` are ``(H,)``."""
   i, f, o, g = jnp.split(jnp.concatenate([x, h]) @ kernel, 4)
@@ -72,12 +136,11 @@ def _lstm_cell(kernel: jax.Array, x: jax.Array, h: jax.Array, c: jax.Array):
   return h, c
 
 
-def _masked_logits(params: Params, h: jax.Array, mask: jax.Array, tanh_constant: float,
-                   prior: jax.Array):
-  """``(K,)`` logits of one decision: ENAS's ``tanh_constant * tanh(h @ W)`` plus the
-  node's ``prior`` offsets, disallowed ops masked out."""
-  logits = tanh_constant * jnp.tanh(h @ params['softmax_kernel']) + prior
-  return jnp.where(mask, logits, _MASKED_LOGIT)
+def _masked_logits(variant: Variant, params: Params, node: jax.Array, h: jax.Array,
+                   mask: jax.Array, tanh_constant: float, prior: jax.Array):
+  """``variant``'s op logits of ``node`` plus its ``prior`` offsets, ops outside
+  ``mask (num_ops,)`` at -1e9."""
+  return jnp.where(mask, variant.logits(params, node, h, tanh_constant) + prior, _MASKED_LOGIT)
 
 
 def _prior_or_zeros(prior: jax.Array | None, mask: jax.Array) -> jax.Array:
@@ -111,7 +174,8 @@ def _entropy(log_p: jax.Array) -> jax.Array:
   return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
 
 
-def _decode(params: Params, mask: jax.Array, tanh_constant: float, choose, prior=None):
+def _decode(params: Params, mask: jax.Array, tanh_constant: float, choose,
+            variant: Variant = ENAS, prior: jax.Array | None = None):
   """Runs the LSTM over nodes; ``choose(node, log_p) -> op`` picks each node's op.
 
   Returns ``(arch (N,), log_p (N, K))`` where ``log_p`` are the masked log-softmaxes.
@@ -122,8 +186,9 @@ def _decode(params: Params, mask: jax.Array, tanh_constant: float, choose, prior
   def step(carry, inputs):
     h, c, x = carry
     node, node_mask, node_prior = inputs
-    h, c = _lstm_cell(params['lstm_kernel'], x, h, c)
-    log_p = jax.nn.log_softmax(_masked_logits(params, h, node_mask, tanh_constant, node_prior))
+    h, c = _lstm_cell(params['lstm_kernel'], variant.step_input(params, node, x), h, c)
+    log_p = jax.nn.log_softmax(_masked_logits(variant, params, node, h, node_mask,
+                                              tanh_constant, node_prior))
     op = choose(node, log_p)
     return (h, c, params['op_embedding'][op]), (op, log_p)
 
@@ -141,34 +206,38 @@ def _summarise(arch: jax.Array, log_p: jax.Array) -> Sample:
 
 
 def sample(params: Params, key: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
-           prior: jax.Array | None = None) -> Sample:
+           variant: Variant = ENAS, prior: jax.Array | None = None) -> Sample:
   """Samples one architecture. ``mask (num_nodes, num_ops)`` bool marks allowed ops;
-  ``prior`` optional ``(num_nodes, num_ops)`` logit offsets (:func:`original_prior`)."""
+  ``params`` are ``variant``'s (:func:`init_variant`; :func:`init` for ENAS); ``prior``
+  optional ``(num_nodes, num_ops)`` logit offsets (:func:`original_prior`)."""
   keys = jax.random.split(key, mask.shape[0])
   arch, log_p = _decode(params, mask, tanh_constant,
-                        lambda node, lp: jax.random.categorical(keys[node], lp), prior)
+                        lambda node, lp: jax.random.categorical(keys[node], lp), variant, prior)
   return _summarise(arch, log_p)
 
 
 def most_likely(params: Params, mask: jax.Array, tanh_constant: float = 1.5,
-                prior: jax.Array | None = None) -> Sample:
+                variant: Variant = ENAS, prior: jax.Array | None = None) -> Sample:
   """Greedy decoding: the most likely op at every step."""
-  arch, log_p = _decode(params, mask, tanh_constant, lambda node, lp: jnp.argmax(lp), prior)
+  arch, log_p = _decode(params, mask, tanh_constant, lambda node, lp: jnp.argmax(lp), variant,
+                        prior)
   return _summarise(arch, log_p)
 
 
 def log_probs(params: Params, arch: jax.Array, mask: jax.Array,
-              tanh_constant: float = 1.5, prior: jax.Array | None = None) -> jax.Array:
+              tanh_constant: float = 1.5, variant: Variant = ENAS,
+              prior: jax.Array | None = None) -> jax.Array:
   """Teacher-forced masked log-softmaxes ``(num_nodes, num_ops)`` for a given ``arch``."""
-  _, log_p = _decode(params, mask, tanh_constant, lambda node, lp: arch[node], prior)
+  _, log_p = _decode(params, mask, tanh_constant, lambda node, lp: arch[node], variant, prior)
   return log_p
 
 
 def log_prob(params: Params, arch: jax.Array, mask: jax.Array,
-             tanh_constant: float = 1.5, prior: jax.Array | None = None) -> Sample:
+             tanh_constant: float = 1.5, variant: Variant = ENAS,
+             prior: jax.Array | None = None) -> Sample:
   """Scores a given ``arch (num_nodes,)``; the returned ``log_prob`` is differentiable."""
   return _summarise(jnp.asarray(arch, jnp.int32),
-                    log_probs(params, arch, mask, tanh_constant, prior))
+                    log_probs(params, arch, mask, tanh_constant, variant, prior))
 
 
 def uniform_sample(key: jax.Array, mask: jax.Array, prior: jax.Array | None = None) -> jax.Array:
@@ -232,8 +301,24 @@ def init_joint(key: jax.Array, num_ops: int, hidden: int = 64,
   :func:`init`'s four weights plus the skip attention ``attn_w1 (H, H)``,
   ``attn_w2 (H, H)`` and ``attn_v (H,)`` (ENAS ``w_attn_1``, ``w_attn_2``, ``v_attn``).
   """
-  op_key, attn_key = jax.random.split(key)
-  params = init(op_key, num_ops, hidden, init_range)
+  op_key = jax.random.split(key)[0]
+  return _init_joint(init(op_key, num_ops, hidden, init_range), key, hidden, init_range)
+
+
+def init_joint_variant(key: jax.Array, variant: Variant, num_layers: int, num_ops: int,
+                       hidden: int = 64, init_range: float = 0.1) -> Params:
+  """:func:`init_joint`'s parameters (the same for the same ``key``) plus ``variant``'s,
+  which act on the op decisions only."""
+  op_key = jax.random.split(key)[0]
+  return _init_joint(init_variant(op_key, variant, num_layers, num_ops, hidden, init_range),
+                     key, hidden, init_range)
+
+
+def _init_joint(op_params: Params, key: jax.Array, hidden: int, init_range: float) -> Params:
+  """``op_params`` (drawn from ``key``'s first split) plus the skip attention weights
+  (from its second)."""
+  _, attn_key = jax.random.split(key)
+  params = dict(op_params)
   shapes = {'attn_w1': (hidden, hidden), 'attn_w2': (hidden, hidden), 'attn_v': (hidden,)}
   keys = jax.random.split(attn_key, len(shapes))
   params.update({name: jax.random.uniform(k, shape, jnp.float32, -init_range, init_range)
@@ -242,7 +327,7 @@ def init_joint(key: jax.Array, num_ops: int, hidden: int = 64,
 
 
 def _decode_joint(params: Params, mask: jax.Array, tanh_constant: float, choose_op,
-                  choose_skips):
+                  choose_skips, variant: Variant = ENAS):
   """ENAS macro sampler as one ``lax.scan`` over layers.
 
   Layer ``j``: an LSTM step on the current input gives the op logits
@@ -253,6 +338,7 @@ def _decode_joint(params: Params, mask: jax.Array, tanh_constant: float, choose_
   picks the bits (only ``t < j`` count). ``anchor_j = h``. The next input is the
   start embedding after layer 0, else the mean of the selected anchors
   ``sum_t S_jt anchor_t / (1 + sum_t S_jt)`` (ENAS: zero when no skip is selected).
+  ``variant`` changes the op step's input and logits (:class:`Variant`).
 
   Returns ``(ops (L,), op_log_p (L, K), skips (L, L), skip_logits (L, L, 2))``;
   ``skips`` is zero on and above the diagonal.
@@ -264,8 +350,9 @@ def _decode_joint(params: Params, mask: jax.Array, tanh_constant: float, choose_
   def step(carry, inputs):
     h, c, x, anchors, anchors_w1 = carry
     layer, layer_mask = inputs
-    h, c = _lstm_cell(params['lstm_kernel'], x, h, c)
-    op_log_p = jax.nn.log_softmax(_masked_logits(params, h, layer_mask, tanh_constant, 0.0))
+    h, c = _lstm_cell(params['lstm_kernel'], variant.step_input(params, layer, x), h, c)
+    op_log_p = jax.nn.log_softmax(_masked_logits(variant, params, layer, h, layer_mask,
+                                                 tanh_constant, 0.0))
     op = choose_op(layer, op_log_p)
     h, c = _lstm_cell(params['lstm_kernel'], params['op_embedding'][op], h, c)
     query = jnp.tanh(anchors_w1 + h @ params['attn_w2']) @ params['attn_v']   # (L,)
@@ -337,7 +424,7 @@ def _fixed_or(fixed, choose):
 
 def sample_joint(params: Params, key: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
                  skip_target: float = SKIP_TARGET, *, fixed_ops: jax.Array | None = None,
-                 fixed_skips: jax.Array | None = None) -> JointSample:
+                 fixed_skips: jax.Array | None = None, variant: Variant = ENAS) -> JointSample:
   """Samples one joint architecture; ``mask (L, num_ops)`` bool marks each layer's allowed ops.
 
   Op ``j`` is drawn from its masked softmax, then each skip bit ``S_jt`` (``t < j``) from
@@ -354,20 +441,23 @@ def sample_joint(params: Params, key: jax.Array, mask: jax.Array, tanh_constant:
       params, mask, tanh_constant,
       _fixed_or(fixed_ops, lambda layer, lp: jax.random.categorical(op_keys[layer], lp)),
       _fixed_or(fixed_skips,
-                lambda layer, lp: jax.random.categorical(skip_keys[layer], lp, axis=-1)))
+                lambda layer, lp: jax.random.categorical(skip_keys[layer], lp, axis=-1)),
+      variant)
   return _summarise_joint(*decoded, skip_target, fixed_ops is None, fixed_skips is None)
 
 
 def most_likely_joint(params: Params, mask: jax.Array, tanh_constant: float = 1.5,
                       skip_target: float = SKIP_TARGET, *, fixed_ops: jax.Array | None = None,
-                      fixed_skips: jax.Array | None = None) -> JointSample:
+                      fixed_skips: jax.Array | None = None,
+                      variant: Variant = ENAS) -> JointSample:
   """Greedy decoding: the most likely op, then every skip whose probability exceeds 1/2.
 
   ``fixed_ops`` / ``fixed_skips`` force decisions as in :func:`sample_joint`.
   """
   decoded = _decode_joint(params, mask, tanh_constant,
                           _fixed_or(fixed_ops, lambda layer, lp: jnp.argmax(lp)),
-                          _fixed_or(fixed_skips, lambda layer, lp: jnp.argmax(lp, axis=-1)))
+                          _fixed_or(fixed_skips, lambda layer, lp: jnp.argmax(lp, axis=-1)),
+                          variant)
   return _summarise_joint(*decoded, skip_target, fixed_ops is None, fixed_skips is None)
 
 
@@ -377,7 +467,8 @@ def _teacher(arch: jax.Array, num_layers: int):
 
 
 def log_probs_joint(params: Params, arch: jax.Array, mask: jax.Array,
-                    tanh_constant: float = 1.5) -> tuple[jax.Array, jax.Array]:
+                    tanh_constant: float = 1.5,
+                    variant: Variant = ENAS) -> tuple[jax.Array, jax.Array]:
   """Teacher-forced distributions of a given flat ``arch``.
 
   Returns ``(op_log_p (L, num_ops), skip_probs (L, L))``: each layer's masked op
@@ -385,16 +476,17 @@ def log_probs_joint(params: Params, arch: jax.Array, mask: jax.Array,
   decisions of ``arch`` before it.
   """
   _, op_log_p, _, skip_logits = _decode_joint(params, mask, tanh_constant,
-                                              *_teacher(arch, mask.shape[0]))
+                                              *_teacher(arch, mask.shape[0]), variant)
   lower = jnp.tril(jnp.ones(skip_logits.shape[:2], bool), -1)
   return op_log_p, jnp.where(lower, jax.nn.softmax(skip_logits)[..., 1], 0.0)
 
 
 def log_prob_joint(params: Params, arch: jax.Array, mask: jax.Array, tanh_constant: float = 1.5,
-                   skip_target: float = SKIP_TARGET) -> JointSample:
+                   skip_target: float = SKIP_TARGET, variant: Variant = ENAS) -> JointSample:
   """Scores a given flat ``arch``; ``log_prob``, its two parts and ``skip_penalty`` are
   differentiable and equal what :func:`sample_joint` returned when it drew ``arch``."""
-  decoded = _decode_joint(params, mask, tanh_constant, *_teacher(arch, mask.shape[0]))
+  decoded = _decode_joint(params, mask, tanh_constant, *_teacher(arch, mask.shape[0]),
+                          variant)
   return _summarise_joint(*decoded, skip_target)
 
 

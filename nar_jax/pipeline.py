@@ -177,10 +177,12 @@ class Experiment:
     c = self.config.search.controller
     if self.joint:
       return policy_lib.joint_policy(self.space, c.tanh_constant, c.hidden, c.init_range,
-                                     c.skip_target, c.skip_weight, search)
+                                     c.skip_target, c.skip_weight, search,
+                                     controller_kind=c.kind)
     prior = (controller_lib.original_prior(self.mask, self.space.baseline(), c.original_prob)
              if c.original_prob > 0 else None)
-    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range, prior)
+    return policy_lib.operator_policy(self.mask, c.tanh_constant, c.hidden, c.init_range, c.kind,
+                                      prior)
 
   def count_arguments(self) -> tuple[tuple[int, int], int, int, int | None]:
     """``(image_hw, in_channels, num_classes, embedding_size)`` of :meth:`counts`: face

@@ -63,36 +63,52 @@ class Policy(NamedTuple):
   diagnostics: Callable[..., dict[str, jax.Array]]
 
 
+def _variant(controller_kind: str) -> controller.Variant:
+  """The :class:`nar_jax.controller.Variant` named ``controller_kind``."""
+  if controller_kind not in controller.VARIANTS:
+    raise ValueError(f'unknown controller kind {controller_kind!r}; use one of '
+                     f'{", ".join(controller.VARIANTS)}')
+  return controller.VARIANTS[controller_kind]
+
+
 def operator_policy(mask: np.ndarray, tanh_constant: float = 1.5, hidden: int = 64,
-                    init_range: float = 0.1, prior: np.ndarray | None = None) -> Policy:
+                    init_range: float = 0.1, controller_kind: str = 'enas',
+                    prior: np.ndarray | None = None) -> Policy:
   """NAR's controller: one operator per node of ``mask (num_nodes, num_ops)``.
 
+  ``controller_kind``: a key of :data:`nar_jax.controller.VARIANTS` (``'enas'``:
+  ENAS's controller, exactly; ``'node_aware'``: told which node it decides).
   ``prior``: optional ``(num_nodes, num_ops)`` logit offsets added to every decision
   (:func:`nar_jax.controller.original_prior`: start the search near the base network);
   ``uniform`` then samples from ``softmax(prior)``, the untrained policy's start.
+
   Loss: :func:`nar_jax.reinforce.reinforce_loss`; diagnostics:
   :func:`nar_jax.reinforce.operator_update_diagnostics`.
   """
   mask = jnp.asarray(mask, bool)
+  variant = _variant(controller_kind)
   prior = None if prior is None else jnp.asarray(prior, jnp.float32)
   return Policy(
       kind='operators', search='operators', num_args=0,
-      init=lambda key: controller.init(key, mask.shape[1], hidden, init_range),
-      sample=lambda params, key: controller.sample(params, key, mask, tanh_constant, prior),
-      most_likely=lambda params: controller.most_likely(params, mask, tanh_constant, prior),
-      score=lambda params, arch: controller.log_prob(params, arch, mask, tanh_constant, prior),
+      init=lambda key: controller.init_variant(key, variant, *mask.shape, hidden, init_range),
+      sample=lambda params, key: controller.sample(params, key, mask, tanh_constant, variant,
+                                                   prior),
+      most_likely=lambda params: controller.most_likely(params, mask, tanh_constant, variant,
+                                                        prior),
+      score=lambda params, arch: controller.log_prob(params, arch, mask, tanh_constant,
+                                                     variant, prior),
       uniform=lambda key: controller.uniform_sample(key, mask, prior),
       loss=lambda scored, advantages: reinforce.reinforce_loss(scored.log_prob, advantages),
       diagnostics=lambda params, archs, rewards, advantages: (
           reinforce.operator_update_diagnostics(params, archs, rewards, advantages, mask,
-                                                tanh_constant, prior)),
+                                                tanh_constant, variant, prior)),
   )
 
 
 def joint_policy(space: JointSpace, tanh_constant: float = 1.5, hidden: int = 64,
                  init_range: float = 0.1, skip_target: float = controller.SKIP_TARGET,
                  skip_weight: float = controller.SKIP_WEIGHT, search: str = 'joint',
-                 uniform_skip_prob: float = 0.5) -> Policy:
+                 uniform_skip_prob: float = 0.5, controller_kind: str = 'enas') -> Policy:
   """ENAS's joint controller over ``space``, searching ``search``:
 
   * ``'joint'``: operators and skips; loss :func:`nar_jax.reinforce.joint_loss`
@@ -104,10 +120,12 @@ def joint_policy(space: JointSpace, tanh_constant: float = 1.5, hidden: int = 64
 
   The diagnostics (:func:`nar_jax.reinforce.joint_update_diagnostics`) report both
   gradient terms whatever ``search`` is. ``uniform`` draws ops uniformly and each skip
-  bit with probability ``uniform_skip_prob``.
+  bit with probability ``uniform_skip_prob``. ``controller_kind`` as in
+  :func:`operator_policy` (the variant changes the op decisions only).
   """
   if search not in SEARCHES:
     raise ValueError(f'unknown search {search!r}; use one of {", ".join(SEARCHES)}')
+  variant = _variant(controller_kind)
   mask = jnp.asarray(space.candidate_mask())
   num_layers = space.num_layers
 
@@ -126,16 +144,17 @@ def joint_policy(space: JointSpace, tanh_constant: float = 1.5, hidden: int = 64
 
   return Policy(
       kind='joint', search=search, num_args=0 if search == 'joint' else 1,
-      init=lambda key: controller.init_joint(key, mask.shape[1], hidden, init_range),
+      init=lambda key: controller.init_joint_variant(key, variant, *mask.shape, hidden,
+                                                     init_range),
       sample=lambda params, key, *args: controller.sample_joint(
-          params, key, mask, tanh_constant, skip_target, **forced(args)),
+          params, key, mask, tanh_constant, skip_target, **forced(args), variant=variant),
       most_likely=lambda params, *args: controller.most_likely_joint(
-          params, mask, tanh_constant, skip_target, **forced(args)),
+          params, mask, tanh_constant, skip_target, **forced(args), variant=variant),
       score=lambda params, arch, *args: controller.log_prob_joint(
-          params, arch, mask, tanh_constant, skip_target),
+          params, arch, mask, tanh_constant, skip_target, variant),
       uniform=lambda key: controller.uniform_sample_joint(key, mask, uniform_skip_prob),
       loss=loss,
       diagnostics=lambda params, archs, rewards, advantages, *args: (
           reinforce.joint_update_diagnostics(params, archs, rewards, advantages, mask,
-                                             tanh_constant)),
+                                             tanh_constant, variant)),
   )

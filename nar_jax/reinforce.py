@@ -160,12 +160,13 @@ def assigned_skip_rewards(skips: jax.Array, rewards: jax.Array) -> jax.Array:
 def operator_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
                                 advantages: jax.Array, mask: jax.Array,
                                 tanh_constant: float,
+                                variant: controller.Variant = controller.ENAS,
                                 prior: jax.Array | None = None) -> dict[str, jax.Array]:
   """Diagnostics of one operator-only (NAR) controller update.
 
   Args:
-    params: controller parameters (:func:`nar_jax.controller.init`) the archs were
-      sampled from.
+    params: ``variant``'s controller parameters (:func:`nar_jax.controller.init` for
+      ENAS) the archs were sampled from.
     archs: ``(M, num_nodes)`` sampled op indices; ``rewards, advantages (M,)``.
     mask: ``(num_nodes, num_ops)`` candidate mask; ``prior``: the policy's logit
       offsets (:func:`nar_jax.controller.original_prior`), or ``None``.
@@ -176,12 +177,12 @@ def operator_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
   (averaged the same way) and ``op_rewards`` (eq. 6, ``(num_nodes, num_ops)``).
   """
   def loss(p):
-    scored = jax.vmap(controller.log_prob, (None, 0, None, None, None))(
-        p, archs, mask, tanh_constant, prior)
+    scored = jax.vmap(lambda arch: controller.log_prob(p, arch, mask, tanh_constant,
+                                                       variant, prior))(archs)
     return (reinforce_loss(scored.log_prob, advantages),)
 
-  op_log_p = jax.vmap(controller.log_probs, (None, 0, None, None, None))(
-      params, archs, mask, tanh_constant, prior)
+  op_log_p = jax.vmap(lambda arch: controller.log_probs(params, arch, mask, tanh_constant,
+                                                        variant, prior))(archs)
   return {
       'grad_norm_ops': term_gradient_norms(loss, params)[0],
       'op_probs': jnp.mean(jnp.exp(op_log_p), axis=0),
@@ -192,11 +193,14 @@ def operator_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
 
 def joint_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
                              advantages: jax.Array, mask: jax.Array,
-                             tanh_constant: float) -> dict[str, jax.Array]:
+                             tanh_constant: float,
+                             variant: controller.Variant = controller.ENAS
+                             ) -> dict[str, jax.Array]:
   """Diagnostics of one joint (ops + skips) controller update: the paper's Figure 1 and eq. 6-7.
 
   Args:
-    params: joint controller parameters (:func:`nar_jax.controller.init_joint`).
+    params: ``variant``'s joint controller parameters
+      (:func:`nar_jax.controller.init_joint` for ENAS).
     archs: ``(M, L (L + 1) / 2)`` sampled flat joint architectures;
       ``rewards, advantages (M,)``.
     mask: ``(L, num_ops)`` candidate mask.
@@ -211,8 +215,8 @@ def joint_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
       (a layer's skip entropy sums its ``j`` bits);
     ``op_rewards (L, num_ops)`` (eq. 6), ``skip_rewards (L, L, 2)`` (eq. 7).
   """
-  score = lambda p: jax.vmap(controller.log_prob_joint, (None, 0, None, None))(
-      p, archs, mask, tanh_constant)
+  score = lambda p: jax.vmap(lambda arch: controller.log_prob_joint(
+      p, arch, mask, tanh_constant, variant=variant))(archs)
 
   def terms(p):
     scored = score(p)
@@ -221,8 +225,8 @@ def joint_update_diagnostics(params, archs: jax.Array, rewards: jax.Array,
 
   norms = term_gradient_norms(terms, params)
   scored = score(params)
-  op_log_p, skip_probs = jax.vmap(controller.log_probs_joint, (None, 0, None, None))(
-      params, archs, mask, tanh_constant)
+  op_log_p, skip_probs = jax.vmap(lambda arch: controller.log_probs_joint(
+      params, arch, mask, tanh_constant, variant))(archs)
   ops_, skips = joint.split(archs, mask.shape[0])
   return {
       'grad_norm_ops': norms[0],
