@@ -295,6 +295,12 @@ def _write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes ``config`` as readable JSON to ``<workdir>/config.json`` (:data:`CONFIG_FILE`);
+  ``ml_collections.ConfigDict(json.load(f))`` reads it back with every field and type."""
+  _write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2) + '\n')
+
+
 def build_space(config: ml_collections.ConfigDict) -> SearchSpace | JointSpace:
   m = config.model
   allowed = config_lib.restricted_ops(config) or None
@@ -384,7 +390,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                'eval_batch_size'):
     train.check_batch_size(config_lib.field(config, name), mesh, f'config.{name}')
   os.makedirs(workdir, exist_ok=True)
-  _write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2) + '\n')
+  write_config(config, workdir)
   log = Log(workdir)
   ds = config.dataset
   splits = load_data(config, workdir)

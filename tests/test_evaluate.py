@@ -20,6 +20,8 @@ import pytest
 import scipy.stats
 
 from nar_jax import counting, data, evaluate, joint, pipeline
+from config_testing import load_config
+from test_configs import VARIANTS
 from test_pipeline import REPO, read_json, run_tiny, tiny_config, tiny_space
 
 NUM_RANDOM = 3
@@ -30,10 +32,10 @@ def tiny_run_config():
   return tiny_config(**{'search.epochs': 1})
 
 
-def evaluate_tiny(workdir, num_random=NUM_RANDOM):
+def evaluate_tiny(workdir, num_random=NUM_RANDOM, config=None):
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(pipeline, 'build_space', tiny_space)
-    return evaluate.evaluate(workdir, num_random)
+    return evaluate.evaluate(workdir, num_random, config)
 
 
 class Interrupted(Exception):
@@ -171,6 +173,28 @@ def test_rerun_of_a_finished_evaluation_measures_nothing(evaluated, monkeypatch)
   assert evaluate_tiny(evaluated.workdir) == evaluated.result
   with open(os.path.join(evaluated.workdir, 'evaluation', 'evaluation.md')) as f:
     assert f.read() == evaluated.md
+
+
+def test_a_run_without_config_json_takes_its_config_file(evaluated, monkeypatch):
+  monkeypatch.setattr(pipeline, 'run_retrain', None)  # nothing is retrained
+  path = os.path.join(evaluated.workdir, pipeline.CONFIG_FILE)
+  os.remove(path)
+  with pytest.raises(ValueError, match=r'predates config\.json.*--config='):
+    evaluate_tiny(evaluated.workdir)
+  assert evaluate_tiny(evaluated.workdir, config=tiny_run_config()) == evaluated.result
+  assert os.path.exists(path)  # written again, as every run writes it
+  with pytest.raises(ValueError, match=r"--config differs from the run's .*config\.json"):
+    evaluate_tiny(evaluated.workdir, config=tiny_config())
+
+
+@pytest.mark.parametrize('name,variant', [(name, variant) for name, variants in VARIANTS.items()
+                                          for variant in [None, *variants]])
+def test_every_config_file_round_trips_through_config_json(tmp_path, name, variant):
+  config = load_config(name, variant)
+  pipeline.write_config(config, str(tmp_path))
+  loaded = evaluate.load_run_config(str(tmp_path))
+  assert loaded.to_dict() == config.to_dict()
+  assert _types(loaded) == _types(config)
 
 
 def test_random_architectures_are_a_prefix_of_a_longer_draw(evaluated):
