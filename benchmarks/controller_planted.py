@@ -70,10 +70,10 @@ def main():
   parser.add_argument('--spaces', default='resnet18,enas_macro')
   parser.add_argument('--targets', default='random,same')
   parser.add_argument('--settings', help='comma-separated kind:lr:baseline_decay',
-                      default='enas:0.001:0.99,enas:0.01:0.99,node_aware:0.001:0.99,'
-                              'node_aware:0.01:0.9,node_aware:0.02:0.9,node_aware:0.05:0.9')
+                      default='enas:0.001:0.99,enas:0.01:0.99,node_aware:0.01:0.9,'
+                              'node_aware:0.02:0.9,node_aware:0.05:0.9')
   parser.add_argument('--samples', default='10,20')
-  parser.add_argument('--budget', type=int, default=200)
+  parser.add_argument('--budget', type=int, default=100)
   parser.add_argument('--seeds', type=int, default=3)
   a = parser.parse_args()
   train.add_cpu_xla_flags()

@@ -28,6 +28,10 @@ def get_config(arg=None):
   c.model.channels = 36
   c.model.retrain_channels = 96
   c.search.epochs = 310
+  # README, "Controller variants": fastest on a planted per-layer op target (joint policy).
+  c.search.controller.kind = 'node_aware'
+  c.search.controller.lr = 0.02
+  c.search.controller.baseline_decay = 0.9
   c.retrain.epochs = 310
   c.retrain.baseline = False        # the joint space's "baseline" chain is no reference network
   if arg == 'smoke':

@@ -40,6 +40,10 @@ def get_config(arg=None):
                                  weight_decay=5e-4, nesterov=False)
   c.search.epochs = 150
   c.search.controller.valid_batch_size = 256
+  # README, "Controller variants": fastest on a planted per-node target at 20 per update.
+  c.search.controller.kind = 'node_aware'
+  c.search.controller.lr = 0.01
+  c.search.controller.baseline_decay = 0.9
 
   # Retraining on every identity: SGD 0.1, momentum 0.9, weight decay 5e-4, batch 512,
   # step decay (x0.1 after epochs 12, 20 and 24 of 26, the schedule public IR-50
