@@ -4,8 +4,10 @@
   python -m nar_jax.bench --cases=r18_w64 --batch=128 --dtype=bfloat16 --out=bench.jsonl
   python -m nar_jax.bench --cases=ir50 --batch=64  # the IR-50 face supernet, 112x112
 
-Cases are ``<network>[_w<stem channels>]`` (64 stem channels by default, the full
-width; :func:`parse_case`):
+Cases are ``<network>[_w<stem channels>][@<choice>]`` (64 stem channels by default, the
+full width; the supernet's operator choice ``switch`` or ``select``, by default the
+platform's, :func:`nar_jax.ops.default_choice`; :func:`parse_case`), e.g.
+``--cases=r18_w64@switch,r18_w64@select``:
 
 * ``r18_w16``, ``r18_w64``: the ResNet-18-16 supernet (conv granularity, 10 classes)
   on 32x32 inputs (CIFAR's mean/std, pad-4 crops and flips);
@@ -18,7 +20,8 @@ Default cases: ``r18_w16,r18_w64`` on CPU (an IR-50 supernet at 112x112 takes ma
 minutes to compile and ~1 min per step there), ``r18_w16,r18_w64,ir50`` on
 accelerators.
 
-Each case prints one JSON object with:
+Each case prints one JSON object with ``case``, ``choice`` (the supernet's operator
+choice; fixed networks have none), the settings, and:
 
 * ``supernet_step_s``: median time of a supernet train step, a fresh controller-sampled
   architecture every step (after a warm-up step);
@@ -68,8 +71,9 @@ from nar_jax.models.resnet import ResNet, select_branches
 from nar_jax.space import SearchSpace, ir_space, resnet_space
 
 _CASES = flags.DEFINE_list('cases', None,
-                           'Cases <network>[_w<stem channels>]: r18_w16, r18_w64, ir50, ir50_w16, '
-                           '... (default: r18_w16,r18_w64 on CPU, also ir50 on accelerators).')
+                           'Cases <network>[_w<stem channels>][@switch|@select]: r18_w16, '
+                           'r18_w64@select, ir50, ir50_w16, ... (default: r18_w16,r18_w64 on '
+                           'CPU, also ir50 on accelerators; the platform\'s operator choice).')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size.')
 _IMAGE = flags.DEFINE_integer('image', None, 'Image height and width (default: 32 for r18, '
                               '112 for IR cases).')
@@ -100,6 +104,7 @@ class Case:
   """A parsed benchmark case: the network, its search space and data conventions."""
 
   name: str
+  choice: str                                   # the supernet's operator choice
   face: bool
   space: SearchSpace
   num_classes: int
@@ -107,17 +112,22 @@ class Case:
   stats: dict                                   # normalisation and augmentation
 
 
-def parse_case(case: str) -> Case:
-  """``'r18_w<C>'`` or ``'ir<depth>[_w<C>]'`` (``C`` stem channels, 64 = full width)."""
-  match = re.fullmatch(r'(r18|ir(\d+))(?:_w(\d+))?', case)
-  if match is None or (match.group(3) is not None and int(match.group(3)) <= 0):
+def parse_case(case: str, platform: str = 'cpu') -> Case:
+  """``'r18_w<C>[@<choice>]'`` or ``'ir<depth>[_w<C>][@<choice>]'`` (``C`` stem channels,
+  64 = full width; ``choice`` one of :data:`nar_jax.ops.CHOICES`, default
+  :func:`nar_jax.ops.default_choice` of ``platform``)."""
+  match = re.fullmatch(r'(r18|ir(\d+))(?:_w(\d+))?(?:@(\w+))?', case)
+  if (match is None or (match.group(3) is not None and int(match.group(3)) <= 0)
+      or match.group(4) not in (None,) + ops.CHOICES):
     raise ValueError(f'unknown case {case!r}; use r18_w<stem channels> (e.g. r18_w64) or '
-                     f'ir<depth>[_w<stem channels>] (e.g. ir50, ir50_w16)')
+                     f'ir<depth>[_w<stem channels>] (e.g. ir50, ir50_w16), optionally with '
+                     f'@<choice> ({", ".join(ops.CHOICES)})')
   width = int(match.group(3) or 64) / 64
+  choice = match.group(4) or ops.default_choice(platform)
   if match.group(2) is None:
-    return Case(case, False, resnet_space('resnet18', 'conv', width), 10, 32,
+    return Case(case, choice, False, resnet_space('resnet18', 'conv', width), 10, 32,
                 dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True))
-  return Case(case, True, ir_space(int(match.group(2)), width), FACE_CLASSES, 112,
+  return Case(case, choice, True, ir_space(int(match.group(2)), width), FACE_CLASSES, 112,
               dict(mean=(127.5 / 255,) * 3, std=(128 / 255,) * 3, crop_padding=0, flip=True))
 
 
@@ -177,9 +187,10 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   """
   if steps < 1 or num_archs < 1:
     raise ValueError(f'steps and num_archs must be positive, got {steps} and {num_archs}')
-  c = parse_case(case)
+  platform = jax.devices()[0].platform
+  c = parse_case(case, platform)
   image = image or c.image
-  loop = loop or default_loop(c, jax.devices()[0].platform)
+  loop = loop or default_loop(c, platform)
   space, stats = c.space, c.stats
   mesh = train.make_mesh()
   train.check_batch_size(batch, mesh)
@@ -199,9 +210,9 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   def network(arch=None):
     if c.face:
       return IResNet(space, c.num_classes, arch=arch, margin=margins.Margin.arcface(),
-                     dtype=compute_dtype, bn_axis_name=train.DATA_AXIS)
+                     dtype=compute_dtype, bn_axis_name=train.DATA_AXIS, choice=c.choice)
     return ResNet(space, c.num_classes, arch=arch, dtype=compute_dtype,
-                  bn_axis_name=train.DATA_AXIS)
+                  bn_axis_name=train.DATA_AXIS, choice=c.choice)
 
   supernet = network()
   state0 = train.replicate(mesh, train.create_train_state(
@@ -294,7 +305,8 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   (loop_s,), _ = _timed(loop_run, 1, lock)
 
   result = {
-      'case': case, 'batch': batch, 'width': space.stem_channels, 'image': image, 'dtype': dtype,
+      'case': case, 'choice': c.choice, 'batch': batch, 'width': space.stem_channels,
+      'image': image, 'dtype': dtype,
       'devices': mesh.devices.size, 'platform': jax.devices()[0].platform,
       'supernet_step_s': statistics.median(sampled_s),
       'paired_supernet_step_s': statistics.median(paired),
@@ -320,7 +332,7 @@ def main(argv):
   train.add_cpu_xla_flags()
   cases = _CASES.value or default_cases(jax.devices()[0].platform)
   for case in cases:
-    parse_case(case)  # Fail on a bad name before measuring anything.
+    parse_case(case, jax.devices()[0].platform)  # Fail on a bad name before measuring anything.
   for case in cases:
     result = run_case(case, _BATCH.value, _STEPS.value, _ARCHS.value, _DTYPE.value,
                       _IMAGE.value, _LOOP.value, _LOCK.value)

@@ -101,6 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
       candidate_rule='paper',    # 'paper': no more parameters than the original | 'all'
       ops='',                    # comma-separated op names restricting the candidates
       dtype='float32',
+      # The supernet's operator choice (nar_jax.ops.Choice): 'switch' (an XLA conditional
+      # per node), 'select' (no conditional: one superkernel per node), or '' for the
+      # platform's default (ops.default_choice: 'switch' on CPU, measured; 'select' on
+      # accelerators, unmeasured).
+      choice='',
       # 'enas_macro' only: layers, first-stage channels of the search (ENAS: 12, 36) and
       # of the retrained fixed network (0: the same), which doubles its channels at each
       # pool layer when retrain_widen is set (ENAS's fixed-architecture networks).
@@ -277,6 +282,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.retrain.data must be 'full' or 'proxy', got {config.retrain.data!r}")
   if config.model.dtype not in ('float32', 'bfloat16'):
     raise ValueError(f"config.model.dtype must be 'float32' or 'bfloat16', got {config.model.dtype!r}")
+  if config.model.choice not in ('',) + ops.CHOICES:
+    raise ValueError(f"config.model.choice must be '' (the platform's default) or one of "
+                     f"{', '.join(ops.CHOICES)}, got {config.model.choice!r}")
   for op in restricted_ops(config):
     ops.check_op_name(op)
   c = config.search.controller

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 OP_NAMES: tuple[str, ...] = ('conv3x3', 'conv5x5', 'sep3x3', 'sep5x5', 'max3x3', 'avg3x3')
@@ -434,3 +435,245 @@ class Operator(nn.Module):
       x = Conv(layer.out_channels, layer.kernel, layer.stride, layer.groups, self.dtype,
                name=f'conv{i}')(x)
     return batch_norm(train, self.bn_axis_name, self.dtype, name='bn', epsilon=self.bn_epsilon)(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Branch bodies and the operator choice: 'switch' (one XLA conditional per node) or
+# 'select' (no conditional: one superkernel built from the chosen op's parameters).
+# ---------------------------------------------------------------------------------------
+
+CHOICES: tuple[str, ...] = ('switch', 'select')
+"""Implementations of a supernet node's operator choice (see :class:`Choice`)."""
+
+RELU = 'relu'
+"""A body layer: ReLU."""
+
+
+def default_choice(platform: str) -> str:
+  """The operator choice used when none is configured, for ``platform``
+  (``jax.devices()[0].platform``).
+
+  ``'switch'`` on CPU, where it measured faster (README, "Performance": the superkernel
+  multiplies a node's arithmetic while XLA:CPU's conditionals cost nothing extra).
+  ``'select'`` elsewhere: on GPUs each conditional reads its index on the host (~0.27 ms,
+  a stream stall), which 'select' avoids; that trade is not measured yet.
+  """
+  return 'switch' if platform == 'cpu' else 'select'
+
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorLayer:
+  """A body layer: the branch's operator (an :class:`Operator` named ``name``)."""
+
+  name: str
+  stride: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBNLayer:
+  """A body layer: a 1x1 convolution ``conv`` and a BatchNorm ``bn``, one per branch
+  (ENAS's ``inp_conv`` / ``inp_bn``), the same shape for every op."""
+
+  conv: str
+  bn: str
+
+
+def check_choice(choice: str) -> None:
+  """Raises ``ValueError`` unless ``choice`` is one of :data:`CHOICES`."""
+  if choice not in CHOICES:
+    raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+
+
+class Branch(nn.Module):
+  """Operator ``op`` run through ``body`` (a tuple of :data:`RELU`, :class:`OperatorLayer`,
+  :class:`ConvBNLayer`), every layer mapping to ``out_channels``."""
+
+  op: str
+  body: tuple
+  out_channels: int
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  bn_epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    for layer in self.body:
+      if layer == RELU:
+        x = nn.relu(x)
+      elif isinstance(layer, ConvBNLayer):
+        x = Conv(self.out_channels, 1, dtype=self.dtype, name=layer.conv)(x)
+        x = batch_norm(train, self.bn_axis_name, self.dtype, name=layer.bn,
+                       epsilon=self.bn_epsilon)(x)
+      else:
+        x = Operator(self.op, self.out_channels, layer.stride, self.dtype, self.bn_axis_name,
+                     self.bn_epsilon, name=layer.name)(x, train)
+    return x
+
+
+def superkernel_size(choices: Sequence[str]) -> int:
+  """The side of the dense kernel that expresses every op of ``choices``: the largest
+  window (max pooling needs 1: it is computed beside the convolution)."""
+  return max(1 if op == 'max3x3' else 3 if op == 'avg3x3' else int(op[-1]) for op in choices)
+
+
+def operator_kernel(op: str, params: Any, in_channels: int, out_channels: int,
+                    size: int) -> jax.Array:
+  """The dense ``(size, size, in_channels, out_channels)`` float32 kernel of ``op``.
+
+  ``params`` is the op's :class:`Operator` subtree (``conv0``, ``conv1``). ``convKxK``:
+  its kernel; ``sepKxK``: depthwise times pointwise, ``dw[i, j, c] * pw[c, o]`` (no
+  nonlinearity between them, so the product is the op); ``avg3x3``: a 3x3 box of the
+  projection (or the identity), to be divided by the window's valid count
+  (:func:`inverse_window_counts`); ``max3x3``: the 1x1 projection (or the identity),
+  applied to the stride-1 max pool. Kernels smaller than ``size`` sit zero-padded in
+  the centre, which SAME padding makes equal to the small kernel at any stride.
+  """
+  if op.startswith('conv'):
+    kernel = params['conv0']['kernel']
+  elif op.startswith('sep'):
+    kernel = params['conv0']['kernel'][:, :, 0, :, None] * params['conv1']['kernel'][0, 0]
+  else:
+    tap = (params['conv0']['kernel'][0, 0] if in_channels != out_channels
+           else jnp.eye(in_channels, dtype=jnp.float32))
+    window = 3 if op == 'avg3x3' else 1
+    kernel = jnp.broadcast_to(tap, (window, window, in_channels, out_channels))
+  pad = (size - kernel.shape[0]) // 2
+  return jnp.pad(kernel, ((pad, pad), (pad, pad), (0, 0), (0, 0)))
+
+
+def inverse_window_counts(height: int, width: int, stride: int) -> np.ndarray:
+  """``1 / count`` ``(1, H_out, W_out, 1)`` of the input pixels inside each SAME 3x3
+  window at ``stride`` (average pooling without the padding)."""
+
+  def counts(size):
+    (low, _), out = same_padding(size, 3, stride)
+    starts = np.arange(out) * stride - low
+    return np.minimum(starts + 3, size) - np.maximum(starts, 0)
+
+  return (1.0 / np.outer(counts(height), counts(width)))[None, :, :, None].astype(np.float32)
+
+
+def selected_batch_norm(x: jax.Array, branch_index: jax.Array, params: Sequence[Any],
+                        stats: Sequence[Any], train: bool, axis_name: str | None,
+                        epsilon: float, dtype: Any) -> tuple[jax.Array, list[Any]]:
+  """:class:`BatchNorm` of branch ``branch_index`` among per-branch variables.
+
+  ``params[j]`` (``scale``, ``bias``) and ``stats[j]`` (``mean``, ``var``) are branch
+  ``j``'s. Returns ``y`` and every branch's new statistics: the chosen branch's updated
+  as :class:`BatchNorm` updates them (train mode), every other branch's unchanged.
+  """
+  pick = lambda group, name: lax.select_n(branch_index, *[g[name] for g in group])
+  scale, bias = pick(params, 'scale'), pick(params, 'bias')
+  if not train:
+    mul = lax.rsqrt(pick(stats, 'var') + epsilon) * scale
+    return ((x.astype(jnp.float32) - pick(stats, 'mean')) * mul + bias).astype(dtype), list(stats)
+  y, mean, var = batch_norm_train(x, scale, bias, epsilon, axis_name, dtype)
+  new = lambda old, batch: BN_MOMENTUM * old + (1 - BN_MOMENTUM) * batch
+  return y, [{'mean': jnp.where(branch_index == j, new(s['mean'], mean), s['mean']),
+              'var': jnp.where(branch_index == j, new(s['var'], var), s['var'])}
+             for j, s in enumerate(stats)]
+
+
+def selected_operator(x: jax.Array, branch_index: jax.Array, choices: Sequence[str],
+                      params: Sequence[Any], stats: Sequence[Any], out_channels: int,
+                      stride: int, train: bool, axis_name: str | None, epsilon: float,
+                      dtype: Any) -> tuple[jax.Array, list[Any]]:
+  """Operator ``choices[branch_index]`` of ``x (B, H, W, C_in)`` without a conditional.
+
+  One SAME convolution at ``stride`` with the chosen op's :func:`operator_kernel` (the
+  candidates' kernels picked by ``lax.select_n``); when ``max3x3`` is a candidate its
+  stride-1 max pool of ``x`` replaces the input if chosen, when ``avg3x3`` is, the output
+  is scaled by :func:`inverse_window_counts` if chosen; then :func:`selected_batch_norm`.
+  ``params[j]`` / ``stats[j]``: choice ``j``'s :class:`Operator` subtrees. Returns
+  ``(B, H/stride, W/stride, out_channels)`` and every choice's new BN statistics.
+  """
+  in_channels = x.shape[-1]
+  size = superkernel_size(choices)
+  kernel = lax.select_n(branch_index, *[
+      operator_kernel(op, p, in_channels, out_channels, size) for op, p in zip(choices, params)])
+  if 'max3x3' in choices:
+    x = jnp.where(branch_index == choices.index('max3x3'), _pool(x, 'max', 3, 1), x)
+  y = conv2d(x.astype(dtype), kernel.astype(dtype), stride)
+  if 'avg3x3' in choices:
+    inverse = jnp.asarray(inverse_window_counts(x.shape[1], x.shape[2], stride), dtype)
+    y = y * jnp.where(branch_index == choices.index('avg3x3'), inverse, jnp.ones((), dtype))
+  return selected_batch_norm(y, branch_index, [p['bn'] for p in params],
+                             [s['bn'] for s in stats], train, axis_name, epsilon, dtype)
+
+
+class Choice(nn.Module):
+  """A supernet node: one of ``choices`` (op names) run through ``body`` (:class:`Branch`),
+  selected by a traced op index. Branch ``op``'s variables live under ``<op>/``.
+
+  ``choice='switch'``: ``nn.switch`` over the branches (an XLA conditional, which on a
+  GPU reads its index on the host). ``choice='select'``: no conditional; each
+  :class:`OperatorLayer` is :func:`selected_operator`, each :class:`ConvBNLayer` a 1x1
+  convolution with the chosen branch's kernel and :func:`selected_batch_norm`. Both
+  compute the chosen branch's values, gradients (zero for the other branches) and BN
+  statistics (the others' unchanged). ``init`` creates every branch's variables the
+  same way for both.
+  """
+
+  choices: tuple[str, ...]
+  body: tuple
+  out_channels: int
+  choice: str = 'switch'
+  dtype: Any = jnp.float32
+  bn_axis_name: str | None = None
+  bn_epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
+    check_choice(self.choice)
+
+    def make(op):
+      return Branch(op, self.body, self.out_channels, self.dtype, self.bn_axis_name,
+                    self.bn_epsilon, name=op)
+
+    if len(self.choices) == 1:
+      return make(self.choices[0])(x, train)
+    table = np.zeros(len(OP_NAMES), np.int32)
+    for j, op in enumerate(self.choices):
+      table[OP_NAMES.index(op)] = j
+    branch_index = jnp.asarray(table)[op_index]
+    if self.is_initializing():
+      # Create every branch's variables; no switch needs compiling for that.
+      return lax.select_n(branch_index, *[make(op)(x, train) for op in self.choices])
+    if self.choice == 'switch':
+      # Each branch builds its op inside the switch's scope (``mdl``), so that the
+      # BatchNorm statistics it updates are carried out of the switch.
+      fns = [lambda mdl, x, op=op: make(op)(x, train) for op in self.choices]
+      return nn.switch(branch_index, fns, self, x)
+    return self._select(x, branch_index, train)
+
+  def _select(self, x: jax.Array, branch_index: jax.Array, train: bool) -> jax.Array:
+    """The ``'select'`` implementation: reads every branch's variables, writes back the
+    BN statistics (unchanged for the branches not chosen)."""
+    params = [self.get_variable('params', op) for op in self.choices]
+    stats = [self.get_variable('batch_stats', op) for op in self.choices]
+    new_stats = [{} for _ in self.choices]
+    for layer in self.body:
+      if layer == RELU:
+        x = nn.relu(x)
+        continue
+      if isinstance(layer, ConvBNLayer):
+        kernel = lax.select_n(branch_index, *[p[layer.conv]['kernel'] for p in params])
+        x = conv2d(x.astype(self.dtype), kernel.astype(self.dtype))
+        x, updated = selected_batch_norm(
+            x, branch_index, [p[layer.bn] for p in params], [s[layer.bn] for s in stats],
+            train, self.bn_axis_name, self.bn_epsilon, self.dtype)
+        name = layer.bn
+      else:
+        x, updated = selected_operator(
+            x, branch_index, self.choices, [p[layer.name] for p in params],
+            [s[layer.name] for s in stats], self.out_channels, layer.stride, train,
+            self.bn_axis_name, self.bn_epsilon, self.dtype)
+        updated = [{'bn': u} for u in updated]
+        name = layer.name
+      for new, u in zip(new_stats, updated):
+        new[name] = u
+    if train:
+      for op, new in zip(self.choices, new_stats):
+        self.put_variable('batch_stats', op, new)
+    return x

@@ -123,6 +123,12 @@ class Experiment:
     return jnp.bfloat16 if self.config.model.dtype == 'bfloat16' else jnp.float32
 
   @property
+  def choice(self) -> str:
+    """The supernet's operator choice: ``config.model.choice``, or the platform's default
+    (:func:`nar_jax.ops.default_choice`) when it is ``''``."""
+    return self.config.model.choice or ops.default_choice(jax.devices()[0].platform)
+
+  @property
   def mask(self) -> np.ndarray:
     return self.space.candidate_mask()
 
@@ -253,13 +259,14 @@ class Experiment:
     num_classes = num_classes or self.splits.num_classes
     if self.joint:
       return MacroNet(self.space if arch is None else self.retrain_space, num_classes, arch=arch,
-                      dtype=self.dtype, bn_axis_name=train.DATA_AXIS, **self.face_head_kwargs)
+                      dtype=self.dtype, bn_axis_name=train.DATA_AXIS, choice=self.choice,
+                      **self.face_head_kwargs)
     if self.space.family == 'ir':
       return IResNet(self.space, num_classes, arch=arch,
                      margin=self.face_head_kwargs['margin'], dtype=self.dtype,
-                     bn_axis_name=train.DATA_AXIS)
+                     bn_axis_name=train.DATA_AXIS, choice=self.choice)
     return ResNet(self.space, num_classes, arch=arch, dtype=self.dtype,
-                  bn_axis_name=train.DATA_AXIS, **self.face_head_kwargs)
+                  bn_axis_name=train.DATA_AXIS, choice=self.choice, **self.face_head_kwargs)
 
   def counts(self, arch) -> ops.Counts:
     """Parameters and MACs of ``arch`` (:meth:`count_arguments`)."""

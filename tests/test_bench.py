@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import os
+import re
+import subprocess
 
 import jax
 import pytest
@@ -30,7 +33,28 @@ def test_face_case_is_the_ir50_supernet_with_face_conventions():
   assert bench.parse_case('ir18_w8').space.num_nodes == 16
 
 
-@pytest.mark.parametrize('name', ['r50_w16', 'r18_w0', 'r18_wx', 'ir50_', 'ir7', ''])
+def test_case_choice_defaults_to_the_platform_and_can_be_named():
+  assert bench.parse_case('r18_w16', 'cpu').choice == 'switch'
+  assert bench.parse_case('r18_w16', 'gpu').choice == 'select'
+  assert bench.parse_case('r18_w16@select', 'cpu').choice == 'select'
+  assert bench.parse_case('ir50_w16@switch', 'gpu').choice == 'switch'
+
+
+def test_gpu_check_cases_parse():
+  """launch/gpu_check.sh's dry run: r18_w64 (b64 fp32, b256 bf16) and ir50 (b256 bf16),
+  each @switch, @select and @switch with the command-buffer flags."""
+  root = os.path.join(os.path.dirname(__file__), '..')
+  listing = subprocess.run(['bash', 'launch/gpu_check.sh', '/tmp/unused'], cwd=root,
+                           env=dict(os.environ, DRY_RUN='1'), capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+  cases = [re.search(r'--cases=(\S+)', line).group(1) for line in listing]
+  assert len(cases) == 9
+  assert {bench.parse_case(c, 'gpu').choice for c in cases} == {'switch', 'select'}
+  assert sum('xla_gpu_enable_command_buffer=+CONDITIONAL' in line for line in listing) == 3
+
+
+@pytest.mark.parametrize('name', ['r50_w16', 'r18_w0', 'r18_wx', 'ir50_', 'ir7', '',
+                                  'r18_w16@cond'])
 def test_bad_case_names_raise(name):
   with pytest.raises(ValueError):
     bench.parse_case(name)
@@ -70,8 +94,8 @@ def test_exclusive_holds_the_lock_until_the_block_ends(tmp_path):
 
 
 def test_run_case_measures_every_field_on_a_tiny_supernet():
-  result = bench.run_case('r18_w4', batch=8, steps=2, num_archs=1, dtype='float32', image=16,
-                          loop='step')
+  result = bench.run_case('r18_w4@select', batch=8, steps=2, num_archs=1, dtype='float32',
+                          image=16, loop='step')
   timings = ('supernet_step_s', 'paired_supernet_step_s', 'fixed_step_s', 'compile_s',
              'compile_cpu_s', 'controller_update_s', 'search_loop_overhead', 'images_per_s',
              'ratio', 'ratio_cpu', 'peak_rss_mb')
@@ -81,8 +105,8 @@ def test_run_case_measures_every_field_on_a_tiny_supernet():
   assert result['ratio'] == pytest.approx(result['paired_supernet_step_s'] /
                                           result['fixed_step_s'])
   assert result['images_per_s'] == pytest.approx(8 / result['supernet_step_s'])
-  assert (result['case'], result['width'], result['image'], result['loop']) == (
-      'r18_w4', 4, 16, 'step')
+  assert (result['case'], result['choice'], result['width'], result['image'],
+          result['loop']) == ('r18_w4@select', 'select', 4, 16, 'step')
   assert result['devices'] == jax.device_count()
 
 

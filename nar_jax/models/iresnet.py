@@ -1,9 +1,10 @@
 """ArcFace's LResNet-E-IR over an ``'ir'`` :class:`~nar_jax.space.SearchSpace`: supernet and fixed net.
 
 Same conventions as :class:`nar_jax.models.resnet.ResNet`: ``arch=None`` is the
-supernet (every candidate of every node, ``nn.switch`` on a traced op index), an
-``arch`` is a fixed network holding only the chosen ops. Nodes are the same
-:class:`~nar_jax.models.resnet.ChoiceNode` under ``node{i:02d}/<op name>``, so
+supernet (every candidate of every node, :class:`nar_jax.ops.Choice` on a traced op
+index: ``nn.switch`` or, with ``choice='select'``, no conditional), an ``arch`` is a
+fixed network holding only the chosen ops. Nodes are the same
+:class:`~nar_jax.ops.Choice` under ``node{i:02d}/<op name>``, so
 :func:`~nar_jax.models.resnet.branch_mask` and
 :func:`~nar_jax.models.resnet.select_branches` work unchanged.
 
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 
 from nar_jax import margins, ops
 from nar_jax.models import face_head
-from nar_jax.models.resnet import ChoiceNode
+from nar_jax.models.resnet import node_body
 from nar_jax.space import SearchSpace
 
 BN_EPSILON = 2e-5
@@ -72,6 +73,8 @@ class IResNet(nn.Module):
     dropout_rate: dropout before the embedding's Dense layer (0.4 in ArcFace).
     dtype: compute dtype (parameters, BN statistics and the head stay float32).
     bn_axis_name: mesh axis for synchronised BatchNorm in training, or ``None``.
+    choice: the supernet's operator choice, ``'switch'`` or ``'select'``
+      (:class:`nar_jax.ops.Choice`).
   """
 
   space: SearchSpace
@@ -81,6 +84,7 @@ class IResNet(nn.Module):
   dropout_rate: float = face_head.DROPOUT_RATE
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  choice: str = 'switch'
 
   @nn.compact
   def __call__(self, images: jax.Array, op_indices: jax.Array | None = None, *, train: bool,
@@ -115,7 +119,8 @@ class IResNet(nn.Module):
       node = self.space.nodes[i]
       choices = node.candidates if arch is None else (ops.OP_NAMES[arch[i]],)
       index = None if arch is not None else op_indices[i]
-      return ChoiceNode(node, choices, False, self.dtype, self.bn_axis_name, BN_EPSILON,
+      return ops.Choice(choices, node_body(node, False), node.out_channels, self.choice,
+                        self.dtype, self.bn_axis_name, BN_EPSILON,
                         name=f'node{i:02d}')(x, index, train)
 
     for si, stage in enumerate(self.space.stages):

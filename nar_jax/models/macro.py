@@ -21,7 +21,7 @@ One module class serves both networks (as :class:`nar_jax.models.resnet.ResNet`)
 
 * **supernet** (``arch=None``): ``__call__(images, arch_vector, train=...)`` takes the
   flat joint architecture as a traced int32 vector: ops pick a branch with
-  ``nn.switch`` and skips are added as ``bit * x_t``, so one trace serves every
+  :class:`nar_jax.ops.Choice` (``nn.switch``, or ``choice='select'``) and skips are added as ``bit * x_t``, so one trace serves every
   architecture. All factorized reductions run.
 * **fixed network** (``arch`` = a flat joint architecture): holds only the chosen op
   of each layer, adds only the selected skips and builds only the reductions the
@@ -52,52 +52,9 @@ from nar_jax.models import face_head, resnet
 _REDUCTION = re.compile(r'reduce(\d+)_from(\d+)$')
 
 
-class Branch(nn.Module):
-  """ENAS branch: ``1x1 conv + BN + ReLU``, operator ``op`` (convs or pool, then BN), ReLU."""
-
-  op: str
-  channels: int
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = ops.Conv(self.channels, 1, dtype=self.dtype, name='inp_conv')(x)
-    x = nn.relu(ops.batch_norm(train, self.bn_axis_name, self.dtype, name='inp_bn')(x))
-    x = ops.Operator(self.op, self.channels, 1, dtype=self.dtype,
-                     bn_axis_name=self.bn_axis_name, name='op')(x, train)
-    return nn.relu(x)
-
-
-class LayerChoice(nn.Module):
-  """A layer that runs one of ``choices`` (op names), selected by a traced op index.
-
-  Same mechanics as :class:`nar_jax.models.resnet.ChoiceNode` (whose branch body is
-  fixed to ``NodeOp``): every branch is created at ``init`` without compiling a
-  switch, and branches are built inside the switch's scope so that their BatchNorm
-  statistics are carried out of it.
-  """
-
-  choices: tuple[str, ...]
-  channels: int
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
-    def make(op):
-      return Branch(op, self.channels, self.dtype, self.bn_axis_name, name=op)
-
-    if len(self.choices) == 1:
-      return make(self.choices[0])(x, train)
-    table = np.zeros(len(ops.OP_NAMES), np.int32)
-    for j, op in enumerate(self.choices):
-      table[ops.OP_NAMES.index(op)] = j
-    branch_index = jnp.asarray(table)[op_index]
-    if self.is_initializing():
-      return jax.lax.select_n(branch_index, *[make(op)(x, train) for op in self.choices])
-    fns = [lambda mdl, x, op=op: make(op)(x, train) for op in self.choices]
-    return nn.switch(branch_index, fns, self, x)
+BRANCH_BODY = (ops.ConvBNLayer('inp_conv', 'inp_bn'), ops.RELU, ops.OperatorLayer('op'), ops.RELU)
+"""ENAS's branch as an :class:`nar_jax.ops.Branch` body: ``1x1 conv + BN + ReLU``, the
+operator (convs or pool, then BN), ReLU."""
 
 
 def factorized_inputs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -139,6 +96,8 @@ class MacroNet(nn.Module):
     head: ``'softmax'`` (global average pool + Dense ``head``) or ``'face'``
       (:class:`~nar_jax.models.face_head.FaceHead`, as ``ResNet``'s).
     margin, embedding_size, dropout_rate: the face head's (unused by ``'softmax'``).
+    choice: the supernet's operator choice, ``'switch'`` or ``'select'``
+      (:class:`nar_jax.ops.Choice`).
   """
 
   space: JointSpace
@@ -150,6 +109,7 @@ class MacroNet(nn.Module):
   margin: margins.Margin = margins.Margin.arcface()
   embedding_size: int = face_head.EMBEDDING_SIZE
   dropout_rate: float = face_head.DROPOUT_RATE
+  choice: str = 'switch'
 
   @nn.compact
   def __call__(self, images: jax.Array, arch: jax.Array | None = None, *,
@@ -178,13 +138,14 @@ class MacroNet(nn.Module):
     for j in range(sp.num_layers):
       channels = sp.stage_channels(sp.stage_of(j))
       if self.arch is None:
-        y = LayerChoice(sp.candidates, channels, self.dtype, self.bn_axis_name,
-                        name=f'node{j:02d}')(outputs[-1], op_index[j], train)
+        y = ops.Choice(sp.candidates, BRANCH_BODY, channels, self.choice, self.dtype,
+                       self.bn_axis_name, name=f'node{j:02d}')(outputs[-1], op_index[j], train)
         for t in range(j):
           y = y + skips[j, t].astype(y.dtype) * outputs[t]
       else:
-        y = LayerChoice((ops.OP_NAMES[int(op_index[j])],), channels, self.dtype,
-                        self.bn_axis_name, name=f'node{j:02d}')(outputs[-1], None, train)
+        y = ops.Choice((ops.OP_NAMES[int(op_index[j])],), BRANCH_BODY, channels,
+                       dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                       name=f'node{j:02d}')(outputs[-1], None, train)
         for t in range(j):
           if skips[j, t]:
             y = y + outputs[t]

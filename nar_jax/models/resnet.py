@@ -60,56 +60,11 @@ def head_output(parent: nn.Module, x: jax.Array, *, train: bool, labels: jax.Arr
   return logits.astype(jnp.float32)
 
 
-class NodeOp(nn.Module):
-  """Operator ``op`` at ``node``: one :class:`ops.Operator`, or a body of two for block nodes."""
-
-  node: Node
-  op: str
-  block: bool
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  bn_epsilon: float = ops.BN_EPSILON
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = ops.Operator(self.op, self.node.out_channels, self.node.stride, self.dtype,
-                     self.bn_axis_name, self.bn_epsilon, name='layer0')(x, train)
-    if self.block:
-      x = nn.relu(x)
-      x = ops.Operator(self.op, self.node.out_channels, 1, self.dtype, self.bn_axis_name,
-                       self.bn_epsilon, name='layer1')(x, train)
-    return x
-
-
-class ChoiceNode(nn.Module):
-  """A node that runs one of ``choices`` (op names), selected by a traced op index."""
-
-  node: Node
-  choices: tuple[str, ...]
-  block: bool
-  dtype: Any = jnp.float32
-  bn_axis_name: str | None = None
-  bn_epsilon: float = ops.BN_EPSILON
-
-  @nn.compact
-  def __call__(self, x: jax.Array, op_index: jax.Array | None, train: bool) -> jax.Array:
-    def make(op):
-      return NodeOp(self.node, op, self.block, self.dtype, self.bn_axis_name, self.bn_epsilon,
-                    name=op)
-
-    if len(self.choices) == 1:
-      return make(self.choices[0])(x, train)
-    table = np.full(len(ops.OP_NAMES), 0, np.int32)
-    for j, op in enumerate(self.choices):
-      table[ops.OP_NAMES.index(op)] = j
-    branch_index = jnp.asarray(table)[op_index]
-    if self.is_initializing():
-      # Create every branch's variables; no switch needs compiling for that.
-      return jax.lax.select_n(branch_index, *[make(op)(x, train) for op in self.choices])
-    # Each branch builds its op inside the switch's scope (``mdl``), so that the
-    # BatchNorm statistics it updates are carried out of the switch.
-    fns = [lambda mdl, x, op=op: make(op)(x, train) for op in self.choices]
-    return nn.switch(branch_index, fns, self, x)
+def node_body(node: Node, block: bool) -> tuple:
+  """The :class:`ops.Branch` body of ``node``: one operator ``layer0`` carrying the
+  stride, or for block nodes ``layer0 -> ReLU -> layer1`` (the residual body)."""
+  first = ops.OperatorLayer('layer0', node.stride)
+  return (first, ops.RELU, ops.OperatorLayer('layer1')) if block else (first,)
 
 
 class ResNet(nn.Module):
@@ -125,6 +80,8 @@ class ResNet(nn.Module):
       (:class:`~nar_jax.models.face_head.FaceHead` on the last feature map: embedding,
       cosine head and margin, variables as an IR network's; BN eps 1e-5).
     margin, embedding_size, dropout_rate: the face head's (unused by ``'softmax'``).
+    choice: the supernet's operator choice, ``'switch'`` or ``'select'``
+      (:class:`nar_jax.ops.Choice`; the fixed network has none).
   """
 
   space: SearchSpace
@@ -136,6 +93,7 @@ class ResNet(nn.Module):
   margin: margins.Margin = margins.Margin.arcface()
   embedding_size: int = face_head.EMBEDDING_SIZE
   dropout_rate: float = face_head.DROPOUT_RATE
+  choice: str = 'switch'
 
   @nn.compact
   def __call__(self, images: jax.Array, op_indices: jax.Array | None = None, *,
@@ -169,8 +127,8 @@ class ResNet(nn.Module):
       choices = node.candidates if arch is None else (ops.OP_NAMES[arch[i]],)
       index = None if arch is not None else op_indices[i]
       node_index += 1
-      return ChoiceNode(node, choices, block, self.dtype, self.bn_axis_name,
-                        name=f'node{i:02d}')(x, index, train)
+      return ops.Choice(choices, node_body(node, block), node.out_channels, self.choice,
+                        self.dtype, self.bn_axis_name, name=f'node{i:02d}')(x, index, train)
 
     for si, stage in enumerate(self.space.stages):
       for bi in range(stage.num_blocks):
