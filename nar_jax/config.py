@@ -298,6 +298,13 @@ def restricted_ops(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def expand_path(path: str) -> str:
+  """`path` with ``~`` expanded, made absolute (relative to the current directory);
+  ``''`` stays ``''`` (the field's "not given"). For every path a config or flag takes:
+  the shell does not expand ``~`` after ``=`` (``--config.dataset.data_dir=~/data``)."""
+  return os.path.abspath(os.path.expanduser(os.fspath(path))) if path else path
+
+
 def packaged_configs_dir() -> str | None:
   """The directory of the experiment configs that came with this copy of ``nar_jax``.
 

@@ -183,6 +183,7 @@ class Experiment:
     if text == 'baseline':
       return self.space.baseline()
     if text.endswith('.json'):
+      text = config_lib.expand_path(text)
       if not os.path.exists(text):
         raise ValueError(f'config.arch names {text}, which does not exist')
       with open(text) as f:
@@ -266,8 +267,8 @@ def face_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The insightface directory of a face run; synthetic faces are written on first use."""
   ds = config.dataset
   if ds.name == 'faces':
-    return ds.data_dir
-  directory = ds.data_dir or os.path.join(workdir, 'data')
+    return config_lib.expand_path(ds.data_dir)
+  directory = config_lib.expand_path(ds.data_dir) or os.path.join(workdir, 'data')
   if not os.path.exists(os.path.join(directory, 'property')):
     s = ds.synthetic
     synthetic_faces.write_synthetic_faces(
@@ -870,6 +871,7 @@ def _searched(exp: Experiment) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole pipeline; returns the report dict."""
+  workdir = config_lib.expand_path(workdir)
   exp = setup(config, workdir)
   baseline = exp.space.baseline()
   if config.arch:

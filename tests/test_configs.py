@@ -103,3 +103,26 @@ def test_load_config_file_is_the_command_lines_config(tmp_path, monkeypatch):
           == load_config('face_lresnet50e_ir', 'smoke').to_dict())
   with pytest.raises(ValueError, match="config file 'configs/nothing.py' not found"):
     config_lib.load_config_file('configs/nothing.py')
+
+
+def test_expand_path_expands_home_and_makes_relative_paths_absolute(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.expand_path('~/data') == str(tmp_path / 'data')
+  assert config_lib.expand_path('runs/x') == str(tmp_path / 'runs' / 'x')
+  assert config_lib.expand_path('') == ''  # "Not given" stays so.
+
+
+def test_face_data_dir_may_start_with_home(tmp_path, monkeypatch):
+  from nar_jax import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  config = load_config('face_lresnet50e_ir', None)
+  config.dataset.data_dir = '~/faces_emore'
+  assert pipeline.face_directory(config, str(tmp_path / 'w')) == str(tmp_path / 'faces_emore')
+  smoke = load_config('face_lresnet50e_ir', 'smoke')
+  smoke.dataset.data_dir = '~/synthetic'
+  smoke.dataset.synthetic.num_identities = 4
+  smoke.dataset.synthetic.verification_identities = 2
+  smoke.dataset.synthetic.num_pairs = 4
+  assert pipeline.face_directory(smoke, str(tmp_path / 'w')) == str(tmp_path / 'synthetic')
+  assert (tmp_path / 'synthetic' / 'train.rec').exists()
