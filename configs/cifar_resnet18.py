@@ -2,7 +2,7 @@
 
 A node per 3x3 conv (16 nodes), candidates by the paper's rule (no more parameters
 than conv3x3: conv3x3, sep3x3, sep5x5, max3x3, avg3x3), ENAS's search recipe
-(DESIGN.md section 4). Variants:
+(README, "Design notes": ENAS's controller and recipe). Variants:
 
   configs/cifar_resnet18.py            NAR ("R"): search without pretraining
   configs/cifar_resnet18.py:pretrain   NAR-PreTrain ("RP"): 10 epochs of uniformly random

@@ -8,6 +8,10 @@ e.g. ``--config.search.epochs=3``.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from collections.abc import Sequence
+
 import ml_collections
 
 from nar_jax import ops
@@ -355,3 +359,83 @@ def verification_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
 def restricted_ops(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The op names of ``config.model.ops`` (empty: no restriction)."""
   return tuple(op.strip() for op in config.model.ops.split(',') if op.strip())
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and loading config files.
+# ---------------------------------------------------------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def expand_path(path: str) -> str:
+  """`path` with ``~`` expanded, made absolute (relative to the current directory);
+  ``''`` stays ``''`` (the field's "not given"). For every path a config or flag takes:
+  the shell does not expand ``~`` after ``=`` (``--config.dataset.data_dir=~/data``)."""
+  return os.path.abspath(os.path.expanduser(os.fspath(path))) if path else path
+
+
+def packaged_configs_dir() -> str | None:
+  """The directory of the experiment configs that came with this copy of ``nar_jax``.
+
+  ``<site-packages>/nar_jax/configs`` for an installed package (``pip install .`` copies
+  the repository's top-level ``configs/`` there), the repository's ``configs/`` when
+  running from a checkout; None if neither exists.
+  """
+  for directory in (os.path.join(_PACKAGE_DIR, 'configs'),
+                    os.path.join(os.path.dirname(_PACKAGE_DIR), 'configs')):
+    if os.path.isfile(os.path.join(directory, 'quickstart.py')):
+      return directory
+  return None
+
+
+def resolve_config_file(spec: str) -> str:
+  """``PATH[:VARIANT]`` with ``~`` expanded and ``PATH`` found.
+
+  ``PATH`` is taken as given when that file exists (relative to the current directory);
+  otherwise ``configs/NAME.py`` (or just ``NAME.py``) falls back to the configs that came
+  with the package (:func:`packaged_configs_dir`), so ``--config=configs/quickstart.py``
+  works from any directory after ``pip install``. Anything else is returned unchanged
+  (with ``~`` expanded) for the config loader to report.
+  """
+  path, sep, variant = spec.partition(':')
+  path = os.path.expanduser(path)
+  if not os.path.exists(path):
+    packaged = packaged_configs_dir()
+    parent, name = os.path.split(os.path.normpath(path))
+    if packaged and name.endswith('.py') and parent in ('', 'configs'):
+      candidate = os.path.join(packaged, name)
+      if os.path.isfile(candidate):
+        path = candidate
+  return path + sep + variant
+
+
+def resolve_config_argv(argv: Sequence[str]) -> list[str]:
+  """Command-line arguments with the value of ``--config`` passed through
+  :func:`resolve_config_file` (forms ``--config=SPEC`` and ``--config SPEC``); every other
+  argument unchanged (``--config.x=...`` overrides included)."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config='):
+      out[i] = '--config=' + resolve_config_file(arg[len('--config='):])
+    elif arg == '--config' and i + 1 < len(out):
+      out[i + 1] = resolve_config_file(out[i + 1])
+  return out
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of ``PATH[:VARIANT]`` (found by :func:`resolve_config_file`), as the
+  command line loads it: the file's ``get_config(VARIANT)`` (``None`` without a variant).
+
+  For notebooks and scripts: ``load_config_file('configs/quickstart.py')``.
+  """
+  resolved = resolve_config_file(spec)
+  path, _, variant = resolved.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {spec!r} not found (looked for {path!r}; the packaged '
+                     f'configs are in {packaged_configs_dir()!r})')
+  module_spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(variant or None)

@@ -1,10 +1,11 @@
 """The ENAS LSTM controller as pure functions: ``init`` / ``sample`` / ``log_prob``.
 
-The controller emits one operator per node, autoregressively (ENAS macro search,
-DESIGN.md section 4): a one-layer LSTM without bias (64 units, weights uniform in
-+-0.1) reads a learned start embedding at step 0 and afterwards the embedding of the
-operator it just sampled; logits are ``tanh_constant * tanh(h @ W_softmax)``. Ops a
-node does not allow are masked out of its softmax, so they are never sampled.
+The controller emits one operator per node, autoregressively (ENAS macro search;
+README, "Design notes": ENAS's controller and recipe): a one-layer LSTM without bias
+(64 units, weights uniform in +-0.1) reads a learned start embedding at step 0 and
+afterwards the embedding of the operator it just sampled; logits are
+``tanh_constant * tanh(h @ W_softmax)``. Ops a node does not allow are masked out of its
+softmax, so they are never sampled.
 
 Everything is a pure function of ``(params, key, mask)`` and runs as one
 ``lax.scan`` over nodes, so sampling can live inside jitted training steps.

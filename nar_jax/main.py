@@ -1,7 +1,10 @@
 """Command line: ``python -m nar_jax.main --config=configs/quickstart.py --workdir=DIR``.
 
 Runs (or resumes) the whole NAR pipeline described by the config file; any config
-field can be overridden, e.g. ``--config.search.epochs=3``.
+field can be overridden, e.g. ``--config.search.epochs=3``. ``--config`` takes a path
+(``~`` expanded); ``configs/NAME.py`` that does not exist under the current directory is
+the copy installed with the package (:func:`nar_jax.config.resolve_config_file`). The
+``nar-jax`` console script of an installed package is the same command.
 """
 
 import sys
@@ -11,6 +14,7 @@ from absl import logging
 from absl import flags
 from ml_collections import config_flags
 
+from nar_jax import config as config_lib
 from nar_jax import pipeline, train
 from nar_jax.data import DatasetNotPreparedError
 
@@ -32,5 +36,10 @@ def main(argv):
     sys.exit(2)
 
 
+def cli() -> None:
+  """The console script ``nar-jax``: ``main`` with ``--config`` resolved."""
+  app.run(main, argv=config_lib.resolve_config_argv(sys.argv))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  cli()

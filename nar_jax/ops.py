@@ -13,8 +13,9 @@ All convolutions go through :func:`conv2d`, a convolution with a hand-written VJ
 whose two gradient convolutions are expressed in the canonical NHWC/HWIO layout.
 Inside ``lax.switch`` branches XLA:CPU otherwise leaves the weight-gradient
 convolution in a non-canonical layout that falls to a generic loop ~40x slower
-(DESIGN.md section 6); with this VJP a convolution costs the same inside a branch
-as outside it. Values and gradients equal ``lax.conv_general_dilated``'s.
+(README, "Design notes": convolutions inside switch branches); with this VJP a
+convolution costs the same inside a branch as outside it. Values and gradients equal
+``lax.conv_general_dilated``'s.
 
 Every operator's BatchNorm is :class:`BatchNorm`: flax ``nn.BatchNorm``'s semantics and
 variables with a hand-written backward pass (:func:`batch_norm_train`), which makes the

@@ -7,7 +7,8 @@ finished ones. All randomness is derived from ``config.seed`` and the (phase,
 epoch, step) position, so a resumed run computes what an uninterrupted run computes.
 
 Outputs in the workdir: ``config.json``, ``arch.json``, ``metrics.jsonl``, ``report.md``,
-``report.json``, ``checkpoints/``, ``results/``.
+``report.json``, ``checkpoints/``, ``results/``, ``tensorboard/`` (the records of
+``metrics.jsonl``, the config and the report as TensorBoard events: :mod:`nar_jax.tensorboard`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from nar_jax import config as config_lib
 from nar_jax import controller as controller_lib
 from nar_jax import counting, data, margins, ops, reinforce, report, train, verification
 from nar_jax import policy as policy_lib
+from nar_jax import tensorboard
 from nar_jax.checkpoint import PhaseCheckpoints
 from nar_jax.data import faces, synthetic_faces
 from nar_jax.joint import JointSpace, joint_space
@@ -60,12 +62,31 @@ def _clock(seconds: float) -> str:
 
 
 class Log:
-  """Progress lines on stdout and one JSON object per line in ``metrics.jsonl``."""
+  """Progress lines on stdout and one JSON object per line in ``metrics.jsonl``, also
+  written as TensorBoard events to ``<workdir>/tensorboard/`` (opened at the first record
+  or text; :meth:`close` closes it)."""
 
   def __init__(self, workdir: str, verbose: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.verbose = verbose
     self.start = time.time()
+    self._tensorboard = None
+
+  @property
+  def tensorboard(self) -> tensorboard.Writer:
+    if self._tensorboard is None:  # Counts on from the records of an earlier run.
+      self._tensorboard = tensorboard.Writer(
+          os.path.join(os.path.dirname(self.path), 'tensorboard'),
+          history=tensorboard.read_records(self.path))
+    return self._tensorboard
+
+  def text(self, tag: str, text: str) -> None:
+    self.tensorboard.text(tag, text)
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+      self._tensorboard = None
 
   def info(self, message: str) -> None:
     if self.verbose:
@@ -74,8 +95,10 @@ class Log:
   def record(self, **fields: Any) -> None:
     fields = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v
               for k, v in fields.items()}
+    writer = self.tensorboard  # Before the line is appended: it replays the earlier ones.
     with open(self.path, 'a') as f:
       f.write(json.dumps(fields) + '\n')
+    writer.record(fields)
 
 
 class Progress:
@@ -238,6 +261,7 @@ class Experiment:
     if text == 'baseline':
       return self.space.baseline()
     if text.endswith('.json'):
+      text = config_lib.expand_path(text)
       if not os.path.exists(text):
         raise ValueError(f'config.arch names {text}, which does not exist')
       with open(text) as f:
@@ -326,8 +350,8 @@ def face_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The insightface directory of a face run; synthetic faces are written on first use."""
   ds = config.dataset
   if ds.name == 'faces':
-    return ds.data_dir
-  directory = ds.data_dir or os.path.join(workdir, 'data')
+    return config_lib.expand_path(ds.data_dir)
+  directory = config_lib.expand_path(ds.data_dir) or os.path.join(workdir, 'data')
   if not os.path.exists(os.path.join(directory, 'property')):
     s = ds.synthetic
     synthetic_faces.write_synthetic_faces(
@@ -973,7 +997,9 @@ def _searched(exp: Experiment) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the whole pipeline; returns the report dict."""
+  workdir = config_lib.expand_path(workdir)
   exp = setup(config, workdir)
+  exp.log.text('config', f'```\n{config}\n```')
   baseline = exp.space.baseline()
   if config.arch:
     arch = exp.parse_arch(config.arch)
@@ -996,5 +1022,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     base = None  # Not retrained: the report shows no baseline test accuracy.
   result = report.build(exp, arch, derived, refined, base)
   report.write(workdir, result)
+  with open(os.path.join(workdir, 'report.md')) as f:
+    exp.log.text('report', f.read())
+  exp.log.close()
   exp.log.info(f'report: {os.path.join(workdir, "report.md")}')
   return result

@@ -46,7 +46,7 @@ def load_controller_records(workdir: str) -> list[dict[str, Any]]:
   Raises:
     ValueError: no metrics file, a line that is not JSON, or no such record.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = os.path.join(os.path.expanduser(workdir), 'metrics.jsonl')
   if not os.path.exists(path):
     raise ValueError(f'no metrics file {path}; run a search with this workdir first')
   records: dict[Any, dict[str, Any]] = {}
@@ -139,6 +139,7 @@ def plot_op_probs(records: list[dict[str, Any]], path: str) -> None:
 
 def write_plots(workdir: str) -> list[str]:
   """Writes the figures (and ``grad_norms.json``) of ``workdir``; returns the paths written."""
+  workdir = os.path.expanduser(workdir)
   records = load_controller_records(workdir)
   written = []
   if any('grad_norm_ops' in r or 'grad_norm_skips' in r for r in records):
@@ -167,7 +168,7 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(2)
   for path in written:
     print(path)
-  summary_path = os.path.join(flags.FLAGS.workdir, 'grad_norms.json')
+  summary_path = os.path.join(os.path.expanduser(flags.FLAGS.workdir), 'grad_norms.json')
   if summary_path in written:
     with open(summary_path) as f:
       for label, stats in json.load(f).items():

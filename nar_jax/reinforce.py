@@ -1,9 +1,10 @@
 """REINFORCE for the controller, and the paper's reading of it (eq. 3-7).
 
-ENAS's estimator (DESIGN.md section 4): for each sampled architecture ``i`` in
-turn, the exponential-moving-average baseline is updated *before* the advantage is
-taken, ``b <- b - (1 - decay) (b - R_i)``, ``A_i = R_i - b``, and the loss is
-``-log p(tau_i) A_i``; ``num_aggregate`` such losses are averaged per update.
+ENAS's estimator (README, "Design notes": ENAS's controller and recipe): for each
+sampled architecture ``i`` in turn, the exponential-moving-average baseline is
+updated *before* the advantage is taken, ``b <- b - (1 - decay) (b - R_i)``,
+``A_i = R_i - b``, and the loss is ``-log p(tau_i) A_i``; ``num_aggregate`` such losses
+are averaged per update.
 
 The paper shows the same gradient is that of a reward-weighted cross entropy
 (eq. 4), and that it hands each (node, operator) pair the reward

@@ -247,7 +247,8 @@ FACE_OPS = ('conv3x3', 'sep3x3', 'max3x3', 'avg3x3')
 
 def ir_space(depth: int = 50, width: float = 1.0, rule: str = 'paper',
              allowed: Sequence[str] | None = FACE_OPS, embedding_size: int = 512) -> SearchSpace:
-  """ArcFace's LResNet<depth>E-IR as a search space (DESIGN.md section 5).
+  """ArcFace's LResNet<depth>E-IR as a search space (README, "Faces: refining
+  LResNet50E-IR with ArcFace").
 
   Stem conv3x3 of 64 channels at stride 1, then four stages of IR units with
   64-128-256-512 channels whose first unit has stride 2. A unit is

@@ -2,10 +2,10 @@
 
 Every step is :func:`jit` (``jax.jit`` with the project's XLA options) around a
 ``jax.shard_map`` over the 1-D mesh axis ``data``
-(DESIGN.md section 3): the per-device program sees its slice of the global batch,
-averages gradients with ``pmean`` and keeps replicated state. BatchNorm statistics
-are synchronised over ``data`` in training, so ``n`` devices compute exactly what
-one device computes on the same global batch.
+(README, "Design notes": data parallelism): the per-device program sees its slice
+of the global batch, averages gradients with ``pmean`` and keeps replicated state.
+BatchNorm statistics are synchronised over ``data`` in training, so ``n`` devices
+compute exactly what one device computes on the same global batch.
 
 The architecture of a supernet step is sampled *inside* the step (from the
 controller, or uniformly during pretraining) from a traced key, so there is no host
@@ -14,8 +14,8 @@ round trip per minibatch and one trace serves every architecture.
 Unselected branches. A child step updates only what the sampled architecture used:
 parameters *and* optimizer state (momentum) of unselected branches are left exactly
 as they were, so momentum and weight decay never move weights that received no
-gradient (DESIGN.md section 6). An operator that is rarely sampled is therefore not
-shrunk by weight decay while it sits idle.
+gradient (README, "Design notes": unselected branches stay put). An operator that is
+rarely sampled is therefore not shrunk by weight decay while it sits idle.
 """
 
 from __future__ import annotations
@@ -452,7 +452,8 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
                            policy: policy_lib.Policy, mean, std, entropy_weight: float,
                            baseline_decay: float, batch_statistics: bool = True,
                            reward: str = 'accuracy', cost: reinforce.CostReward | None = None):
-  """Builds one jitted controller update (ENAS, DESIGN.md section 4).
+  """Builds one jitted controller update (README, "Design notes": ENAS's controller
+  and recipe).
 
   ``update(ctrl_state, child_variables, images (M, B, H, W, C), targets, key, *args)``
   samples ``M`` architectures from ``policy`` (``args``: the policy's extra arguments,

@@ -96,6 +96,7 @@ def nas_arch(study: ml_collections.ConfigDict) -> list:
                      'joint architecture as JSON')
   if text.startswith('['):
     return json.loads(text)
+  text = config_lib.expand_path(text)
   if not os.path.exists(text):
     raise ValueError(f'config.nas_arch names {text}, which does not exist; run '
                      'configs/cifar_nasarch.py first (its workdir holds arch.json)')
@@ -152,6 +153,7 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   the task trained face networks), ``test_acc`` is ``None`` without a test split.
   """
   names = networks(study)
+  workdir = config_lib.expand_path(workdir)
   os.makedirs(workdir, exist_ok=True)
   rows = []
   for network in names:
@@ -226,4 +228,4 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory of the study.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, argv=config_lib.resolve_config_argv(sys.argv))

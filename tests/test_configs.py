@@ -56,3 +56,73 @@ def test_gpu_cifar_configs_scan_each_epoch_and_cpu_configs_do_not():
 def test_unknown_variant_is_rejected(name):
   with pytest.raises(ValueError, match='no_such_variant'):
     load_config(name, 'no_such_variant')
+
+
+# ---------------------------------------------------------------------------
+# Finding config files: a path, or the copy that came with the package.
+
+
+def test_resolve_config_file_keeps_an_existing_path_and_its_variant(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'quickstart.py').write_text('# a local copy\n')
+  assert config_lib.resolve_config_file('configs/quickstart.py:x') == 'configs/quickstart.py:x'
+
+
+def test_resolve_config_file_falls_back_to_the_packaged_configs(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # No configs/ here.
+  packaged = config_lib.packaged_configs_dir()
+  assert packaged is not None and os.path.samefile(packaged, CONFIGS)
+  want = os.path.join(packaged, 'face_lresnet50e_ir.py')
+  assert config_lib.resolve_config_file('configs/face_lresnet50e_ir.py:smoke') == want + ':smoke'
+  assert config_lib.resolve_config_file('quickstart.py') == os.path.join(packaged, 'quickstart.py')
+  # Not a packaged config: unchanged, for the loader to report.
+  assert config_lib.resolve_config_file('other/quickstart.py') == 'other/quickstart.py'
+  assert config_lib.resolve_config_file('configs/nothing.py') == 'configs/nothing.py'
+
+
+def test_resolve_config_file_expands_home(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  (tmp_path / 'mine.py').write_text('')
+  assert config_lib.resolve_config_file('~/mine.py:v') == str(tmp_path / 'mine.py') + ':v'
+
+
+def test_resolve_config_argv_rewrites_only_the_config_flag(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  packaged = config_lib.packaged_configs_dir()
+  argv = ['prog', '--config=configs/quickstart.py', '--config.search.epochs=1', '--workdir=w']
+  assert config_lib.resolve_config_argv(argv) == [
+      'prog', f'--config={packaged}/quickstart.py', '--config.search.epochs=1', '--workdir=w']
+  assert config_lib.resolve_config_argv(['prog', '--config', 'configs/quickstart.py']) == [
+      'prog', '--config', f'{packaged}/quickstart.py']
+
+
+def test_load_config_file_is_the_command_lines_config(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert (config_lib.load_config_file('configs/face_lresnet50e_ir.py:smoke').to_dict()
+          == load_config('face_lresnet50e_ir', 'smoke').to_dict())
+  with pytest.raises(ValueError, match="config file 'configs/nothing.py' not found"):
+    config_lib.load_config_file('configs/nothing.py')
+
+
+def test_expand_path_expands_home_and_makes_relative_paths_absolute(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.expand_path('~/data') == str(tmp_path / 'data')
+  assert config_lib.expand_path('runs/x') == str(tmp_path / 'runs' / 'x')
+  assert config_lib.expand_path('') == ''  # "Not given" stays so.
+
+
+def test_face_data_dir_may_start_with_home(tmp_path, monkeypatch):
+  from nar_jax import pipeline  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('HOME', str(tmp_path))
+  config = load_config('face_lresnet50e_ir', None)
+  config.dataset.data_dir = '~/faces_emore'
+  assert pipeline.face_directory(config, str(tmp_path / 'w')) == str(tmp_path / 'faces_emore')
+  smoke = load_config('face_lresnet50e_ir', 'smoke')
+  smoke.dataset.data_dir = '~/synthetic'
+  smoke.dataset.synthetic.num_identities = 4
+  smoke.dataset.synthetic.verification_identities = 2
+  smoke.dataset.synthetic.num_pairs = 4
+  assert pipeline.face_directory(smoke, str(tmp_path / 'w')) == str(tmp_path / 'synthetic')
+  assert (tmp_path / 'synthetic' / 'train.rec').exists()

@@ -1,8 +1,10 @@
 """Tests for nar_jax.data: datasets in memory, batching, on-device augmentation."""
 
+import importlib.util
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -357,14 +359,14 @@ def test_cifar10_read_path_with_tfds_mock(tmp_path):
   chex.assert_trees_all_equal(splits.valid.images, splits.test.images[20:])
 
 
-def _prepare_fake_cifar10(data_dir, num_train, num_test):
-  """Writes a real array_record copy of `cifar10` with random images.
+def _fake_cifar10_builder(num_train, num_test):
+  """A TFDS builder of `cifar10` with random images, and {split: {image bytes: label}}.
 
-  Uses the real CIFAR-10 builder's features, so reading it exercises the
+  Uses the real CIFAR-10 builder's features, so reading what it prepares exercises the
   same path (ArrayRecordDataSource, PNG decoding) as the real dataset. Needs
-  neither TensorFlow nor network access. Returns {split: {image bytes: label}}.
+  neither TensorFlow nor network access.
   """
-  tfds = pytest.importorskip('tensorflow_datasets')
+  pytest.importorskip('tensorflow_datasets')
   pil = pytest.importorskip('PIL.Image')
   from tensorflow_datasets.image_classification import cifar  # pylint: disable=g-import-not-at-top
 
@@ -392,11 +394,16 @@ def _prepare_fake_cifar10(data_dir, num_train, num_test):
       for i, (image, label) in enumerate(examples):
         yield i, {'id': str(i), 'image': png(image), 'label': label}
 
-  FakeCifar10(data_dir=data_dir,
-              file_format='array_record').download_and_prepare()
-  del tfds
-  return {split: {im.tobytes(): y for im, y in examples}
-          for split, examples in made.items()}
+  return FakeCifar10, {split: {im.tobytes(): y for im, y in examples}
+                       for split, examples in made.items()}
+
+
+def _prepare_fake_cifar10(data_dir, num_train, num_test):
+  """Writes a real array_record copy of `cifar10` with random images (see
+  `_fake_cifar10_builder`); returns {split: {image bytes: label}}."""
+  builder, made = _fake_cifar10_builder(num_train, num_test)
+  builder(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return made
 
 
 def test_cifar10_read_path_with_prepared_array_record(tmp_path):
@@ -434,3 +441,84 @@ def test_cifar10_read_path_with_prepared_array_record(tmp_path):
       os.remove(os.path.join(version_dir, name))
   with pytest.raises(data.DatasetNotPreparedError, match='test array_record'):
     data.load_splits('cifar10', data_dir=data_dir)
+
+
+@pytest.fixture(scope='module')
+def prepared_cifar10(tmp_path_factory):
+  """A prepared fake `cifar10` (20 train, 6 test) in ``<root>/tfds``; returns root."""
+  root = tmp_path_factory.mktemp('home')
+  _prepare_fake_cifar10(str(root / 'tfds'), num_train=20, num_test=6)
+  return root
+
+
+def test_cifar10_data_dir_may_start_with_home_or_be_relative(prepared_cifar10, monkeypatch):
+  monkeypatch.setenv('HOME', str(prepared_cifar10))
+  splits = data.load_splits('cifar10', data_dir='~/tfds', valid_size=5)
+  assert (len(splits.train), len(splits.valid), len(splits.test)) == (15, 5, 6)
+  monkeypatch.chdir(prepared_cifar10)
+  assert len(data.load_splits('cifar10', data_dir='tfds', valid_size=5).test) == 6
+  monkeypatch.chdir(prepared_cifar10 / 'tfds')
+  assert len(data.load_splits('cifar10', data_dir='.', valid_size=5).test) == 6
+
+
+def test_cifar10_unprepared_home_path_is_expanded_in_the_message(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  with pytest.raises(data.DatasetNotPreparedError) as info:
+    data.load_splits('cifar10', data_dir='~/nothing')
+  message = str(info.value)
+  assert f"data_dir='{tmp_path}/nothing'" in message and '~' not in message
+  assert not os.path.exists(tmp_path / 'nothing' / 'cifar10')  # Nothing written there.
+
+
+@pytest.mark.parametrize('deeper', ['cifar10', 'cifar10/3.0.2'])
+def test_cifar10_data_dir_one_level_too_deep_names_the_parent(prepared_cifar10, deeper):
+  root = str(prepared_cifar10 / 'tfds')
+  with pytest.raises(data.DatasetNotPreparedError) as info:
+    data.load_splits('cifar10', data_dir=os.path.join(root, deeper))
+  message = str(info.value)
+  assert f'did you mean {root}?' in message
+  assert f'--config.dataset.data_dir={root}' in message
+  assert 'pip install' not in message  # It is prepared: no new preparation asked for.
+
+
+def test_cifar10_not_prepared_message_gives_commands_that_prepare_it(tmp_path):
+  with pytest.raises(data.DatasetNotPreparedError) as info:
+    data.load_splits('cifar10', data_dir=str(tmp_path))
+  message = str(info.value)
+  # tensorflow-datasets 4.9 imports importlib_resources while preparing (not declared).
+  assert 'pip install tensorflow tensorflow-datasets importlib_resources' in message
+  assert f'python -m nar_jax.prepare cifar10 --data_dir={tmp_path}' in message
+
+
+def test_prepare_writes_a_copy_that_the_runs_read(tmp_path, monkeypatch):
+  from nar_jax import prepare  # pylint: disable=g-import-not-at-top
+  builder, made = _fake_cifar10_builder(num_train=12, num_test=4)
+  monkeypatch.setenv('HOME', str(tmp_path))
+  splits = prepare.prepare('cifar10', '~/prepared', builder_cls=builder)
+  assert os.path.isdir(tmp_path / 'prepared' / 'cifar10')
+  assert (len(splits.train), len(splits.valid), len(splits.test)) == (12, 0, 4)
+  got = {im.tobytes(): int(y) for im, y in zip(splits.test.images, splits.test.labels)}
+  assert got == made['test']
+
+
+def test_prepare_names_missing_packages_and_unknown_datasets(tmp_path):
+  from nar_jax import prepare  # pylint: disable=g-import-not-at-top
+  no_tensorflow = lambda module: None if module == 'tensorflow' else object()
+  assert prepare.missing_modules(no_tensorflow) == ['tensorflow']
+  with pytest.raises(prepare.PrepareError,
+                     match='needs tensorflow, which is not installed here: run\n  pip install '
+                     'tensorflow tensorflow-datasets importlib_resources'):
+    prepare.prepare('cifar10', str(tmp_path), find_spec=no_tensorflow)
+  assert not os.listdir(tmp_path)
+  with pytest.raises(prepare.PrepareError, match="unknown dataset 'mnist'"):
+    prepare.prepare('mnist', str(tmp_path))
+
+
+def test_prepare_command_line_without_tensorflow_says_what_to_install(tmp_path):
+  if importlib.util.find_spec('tensorflow') is not None:
+    pytest.skip('TensorFlow is installed here: the command would download CIFAR-10')
+  done = subprocess.run([sys.executable, '-m', 'nar_jax.prepare', 'cifar10',
+                         f'--data_dir={tmp_path}'], capture_output=True, text=True, timeout=120,
+                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert done.returncode == 2, done.stderr
+  assert 'pip install tensorflow tensorflow-datasets importlib_resources' in done.stderr

@@ -259,6 +259,95 @@ def test_bad_identity_range(tmp_path):
     insightface.open_face_records(str(tmp_path))
 
 
+def _write_identity_dataset(directory, ranges, num_images, num_classes=None):
+  """insightface's layout with the given identity image ranges (possibly inconsistent).
+
+  Image records 1..num_images (identity = the first range holding the key, else 0), record 0
+  listing identity records num_images + 1 ..., and ``property`` saying ``num_classes``
+  (default: one per range). Every record's header id is its key, as face2rec2 writes.
+  """
+  jpeg = synthetic_faces.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+  first = num_images + 1
+  records = [(0, insightface.pack_record([first, first + len(ranges)], id=0))]
+  for key in range(1, num_images + 1):
+    c = next((c for c, (a, b) in enumerate(ranges) if a <= key < b), 0)
+    records.append((key, insightface.pack_record([c, 1.0], jpeg, id=key)))
+  for c, (a, b) in enumerate(ranges):
+    records.append((first + c, insightface.pack_record([a, b], id=first + c)))
+  insightface.write_rec(os.path.join(directory, 'train.rec'),
+                        os.path.join(directory, 'train.idx'), records)
+  insightface.write_property(directory, len(ranges) if num_classes is None else num_classes, 8, 8)
+  return str(directory)
+
+
+def test_consistent_identity_ranges_are_read(tmp_path):
+  recs = insightface.open_face_records(_write_identity_dataset(tmp_path, [(1, 4), (4, 7)], 6))
+  np.testing.assert_array_equal(recs.image_keys, [1, 2, 3, 4, 5, 6])
+  np.testing.assert_array_equal(recs.labels, [0, 0, 0, 1, 1, 1])
+  assert recs.num_identities == recs.num_classes == 2
+
+
+def test_overlapping_identity_ranges_name_both_identities(tmp_path):
+  d = _write_identity_dataset(tmp_path, [(1, 5), (4, 7)], 6)
+  with pytest.raises(insightface.FaceDataError,
+                     match=r"train.rec: record 8 at offset \d+: identity 1 has image range "
+                     r"\[4, 7\), which overlaps identity 0's \[1, 5\)"):
+    insightface.open_face_records(d)
+
+
+@pytest.mark.parametrize('ranges, message', [
+    ([(1, 3), (4, 7)], r"record 8 at offset \d+: image records \[3, 4\) belong to no identity "
+                       r"\(after identity 0's \[1, 3\), before identity 1's \[4, 7\)\); they "
+                       r"would be silently dropped"),
+    ([(2, 4), (4, 7)], r'record 7 at offset \d+: image records \[1, 2\) belong to no identity '
+                       r'\(before the first identity'),
+    ([(1, 3), (3, 5)], r"record 8 at offset \d+: image records \[5, 7\) belong to no identity "
+                       r"\(after identity 1's \[3, 5\), the last\)"),
+])
+def test_gap_between_identity_ranges_is_an_error(tmp_path, ranges, message):
+  d = _write_identity_dataset(tmp_path, ranges, 6)
+  with pytest.raises(insightface.FaceDataError, match='train.rec: ' + message):
+    insightface.open_face_records(d)
+
+
+def test_property_class_count_must_match_the_identities(tmp_path):
+  d = _write_identity_dataset(tmp_path, [(1, 2), (2, 3), (3, 4), (4, 5), (5, 7)], 6,
+                              num_classes=3)
+  with pytest.raises(insightface.FaceDataError,
+                     match=r'property: says 3 classes, but .*train.rec has 5 identities \(its '
+                     r'identity index \(record 0: \[7, 12\)\)\)'):
+    insightface.open_face_records(d)
+  # Without an identity index: the distinct header labels.
+  jpeg = synthetic_faces.encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+  insightface.write_rec(str(tmp_path / 'train.rec'), str(tmp_path / 'train.idx'),
+                        [(k, insightface.pack_record(float(c), jpeg, id=k))
+                         for k, c in enumerate([0, 1, 1, 4])])
+  insightface.write_property(str(tmp_path), 2, 8, 8)
+  with pytest.raises(insightface.FaceDataError,
+                     match=r'property: says 2 classes, but .*train.rec has 3 identities \(the '
+                     'distinct labels of its image records'):
+    insightface.open_face_records(str(tmp_path))
+
+
+def test_swapped_idx_offsets_are_caught_by_the_record_id(tmp_path):
+  d = _write_identity_dataset(tmp_path, [(1, 4), (4, 7)], 6)
+  idx = os.path.join(d, 'train.idx')
+  keys, offsets = insightface.read_idx(idx)
+  offsets = dict(zip(keys.tolist(), offsets.tolist()))
+  offsets[2], offsets[5] = offsets[5], offsets[2]
+  with open(idx, 'w') as f:
+    f.writelines(f'{k}\t{o}\n' for k, o in offsets.items())
+  recs = insightface.open_face_records(d)  # Only record 0 and the identity records are read.
+  assert recs.reader.read_image(1)
+  with pytest.raises(insightface.FaceDataError,
+                     match=rf'train.rec: record 2 at offset {offsets[2]}: the record there has '
+                     r'header id 5, not its key 2: .*train.idx points key 2 at another record'):
+    recs.reader.read_image(2)
+  images = faces.LazyImages.from_records(recs.reader, recs.image_keys, (8, 8, 3))
+  with pytest.raises(insightface.FaceDataError, match='header id 2, not its key 5'):
+    images[4]
+
+
 def _write_pickle(path, obj):
   with open(path, 'wb') as f:
     pickle.dump(obj, f)
@@ -277,6 +366,15 @@ def test_bin_of_wrong_shape_or_type(tmp_path, obj, message):
   path = _write_pickle(tmp_path / 'bad.bin', obj)
   with pytest.raises(insightface.FaceDataError, match='bad.bin: ' + message):
     insightface.read_bin(path)
+
+
+def test_bin_without_pairs(tmp_path):
+  path = _write_pickle(tmp_path / 'empty.bin', ([], []))
+  with pytest.raises(insightface.FaceDataError,
+                     match=r'empty.bin: the verification file has no pairs \(entries 0 and 1'):
+    insightface.read_bin(path)
+  with pytest.raises(insightface.FaceDataError, match='empty.bin: .* no pairs'):
+    faces.load_verification_set(path)
 
 
 def test_bin_not_a_pickle(tmp_path):

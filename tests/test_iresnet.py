@@ -254,7 +254,8 @@ def _conv(x, kernel, stride):
 
 
 def _reference_embedding(v, images, sp, eps):
-  """LResNet-E-IR eval forward of the conv3x3 baseline written out from DESIGN.md sec. 5."""
+  """LResNet-E-IR eval forward of the conv3x3 baseline written out from the README
+  ("Faces": search space)."""
   p, s = v['params'], v['batch_stats']
   bn = lambda x, name, **kw: _bn(x, s[name], p[name], eps, **kw)
   x = _prelu(bn(_conv(images, p['stem_conv']['kernel'], 1), 'stem_bn'), p['stem_prelu'])

@@ -263,7 +263,8 @@ def test_op_indices_only_for_the_supernet(setup):
 
 
 def test_invalid_architectures_are_rejected_by_validate():
-  """``lax.switch`` would silently clamp an out-of-range index (DESIGN.md sec. 6), and the
+  """``lax.switch`` would silently clamp an out-of-range index (README, "Design
+  notes": one compiled step), and the
   supernet's op->branch table maps a disallowed op to branch 0, so validation must catch
   both before an architecture reaches the network."""
   sp = space.resnet_space('resnet18', 'conv', width=0.0625, rule='paper')

@@ -173,6 +173,31 @@ def test_run_logs_every_phase_and_checkpoints(finished):
   assert os.path.exists(os.path.join(finished.workdir, 'results', 'retrain_refined.json'))
 
 
+def test_run_writes_tensorboard_events_of_its_records_config_and_report(finished):
+  event_accumulator = pytest.importorskip(
+      'tensorboard.backend.event_processing.event_accumulator')
+  acc = event_accumulator.EventAccumulator(
+      os.path.join(finished.workdir, 'tensorboard'), size_guidance={
+          event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0,
+          event_accumulator.TENSORS: 0})
+  acc.Reload()
+  tags = acc.Tags()
+  assert {'pretrain/train_loss', 'search/train_loss', 'search/train_acc', 'controller/reward',
+          'controller/baseline', 'controller/entropy', 'controller/grad_norm_ops',
+          'retrain_refined/train_loss', 'retrain_refined/test_acc'} <= set(tags['scalars'])
+  rewards = [(m['epoch'], m['update'], m['reward'])
+             for m in records(finished.metrics, 'controller')]
+  got = [(e.step, e.value) for e in acc.Scalars('controller/reward')]
+  assert [s for s, _ in got] == list(range(1, len(rewards) + 1))
+  np.testing.assert_allclose([v for _, v in got], [r for _, _, r in rewards], rtol=1e-6)
+  assert [e.step for e in acc.Scalars('search/train_loss')] == list(range(1, SEARCH_EPOCHS + 1))
+  assert 'controller/op_probs' in tags['images']
+  assert len(acc.Images('controller/op_probs')) == len(rewards)
+  report = acc.Tensors('report/text_summary')[0].tensor_proto.string_val[0].decode()
+  assert report == finished.report_md
+  assert 'config/text_summary' in tags['tensors']
+
+
 def test_rerun_of_a_finished_workdir_trains_nothing(finished, monkeypatch, capsys):
   def must_not_train(*args, **kwargs):
     raise AssertionError('a finished phase was run again')

@@ -122,7 +122,8 @@ def test_space_argument_errors():
 
 @pytest.mark.parametrize('granularity', ['conv', 'block'])
 def test_resnet18_reference_counts(granularity):
-  """CIFAR ResNet-18 (32x32x3, 10 classes): 11.17M params, 0.556 G MACs (DESIGN.md sec. 3)."""
+  """CIFAR ResNet-18 (32x32x3, 10 classes): 11.17M params, 0.556 G MACs (README, "Search
+  spaces and operators")."""
   sp = space.resnet_space('resnet18', granularity)
   counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
   assert abs(counts.params - 11.17e6) <= 0.005 * 11.17e6, counts
@@ -255,7 +256,7 @@ def test_ir_candidate_rule():
 
 def test_ir50_reference_counts():
   """LResNet50E-IR at 112x112 without the classifier: 43.6M params (0.5%), 6.31 G MACs (1%)
-  (DESIGN.md sec. 3); the 85,742-way margin head adds 85,742 x 512 weights and MACs."""
+  (README, "Faces"); the 85,742-way margin head adds 85,742 x 512 weights and MACs."""
   sp = space.ir_space(50)
   counts = counting.count_architecture(sp, sp.baseline(), (112, 112), 3, 0)
   assert abs(counts.params - 43.6e6) <= 0.005 * 43.6e6, counts

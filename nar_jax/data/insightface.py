@@ -22,6 +22,11 @@ Training data (``train.rec`` / ``train.idx`` / ``property``):
   is its class: the label field when ``flag == 0``, else ``labels[0]``
   (face2rec2 writes ``[class, 1.0]``). Files without an identity index (record
   0 an ordinary image) are read too: every record is an image.
+* Checked when reading: the identity ranges cover the image keys ``1..N`` exactly
+  once (no overlap, no gap that would drop images), ``property``'s
+  ``num_classes`` is the number of identities, and a record's header id is
+  its ``.idx`` key (a record whose id is 0, as some writers leave it, is not
+  compared), which catches an ``.idx`` whose offsets point at other records.
 
 Verification data (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``): a pickle of
 ``(list of 2P JPEG byte strings, list of P booleans)``; pair i is images
@@ -416,12 +421,33 @@ class RecordReader:
     return f'{self.rec_path}: record {key} at offset {self.offset(key)}'
 
   def read_record(self, key: int) -> tuple[RecordHeader, bytes]:
-    """``(header, data)`` of record `key` (data: the JPEG of an image record)."""
-    return unpack_record(self.read(key), self.where(key))
+    """``(header, data)`` of record `key` (data: the JPEG of an image record).
+
+    Raises:
+      FaceDataError: as `read`, or the record's header id is neither `key` nor 0
+        (the ``.idx`` offset of `key` points at another record).
+    """
+    header, data = unpack_record(self.read(key), self.where(key))
+    check_record_id(header, int(key), self.where(key), self.idx_path)
+    return header, data
 
   def read_image(self, key: int) -> bytes:
     """The JPEG bytes of image record `key` (its header dropped)."""
     return self.read_record(key)[1]
+
+
+def check_record_id(header: RecordHeader, key: int, where: str, idx_path: str) -> None:
+  """Raises `FaceDataError` unless ``header.id`` is `key` (or 0: not recorded).
+
+  insightface's writers (``face2rec2``, ``im2rec``) store each record's key as its
+  header id, so a mismatch means the ``.idx`` offset of `key` points at another
+  record (offsets swapped, or an index of another ``.rec``).
+  """
+  if header.id not in (0, key):
+    raise FaceDataError(
+        f'{where}: the record there has header id {header.id}, not its key {key}: '
+        f'{idx_path} points key {key} at another record (offsets swapped, or an index '
+        'of another .rec?).')
 
 
 class FaceRecords(NamedTuple):
@@ -465,10 +491,17 @@ def open_face_records(directory: str, *, rec_name: str = 'train') -> FaceRecords
   head, _ = reader.read_record(0)
   if head.flag > 0:
     keys, labels = _identity_index(reader, head)
+    found = f'its identity index (record 0: [{int(head.labels[0])}, {int(head.labels[1])}))'
   else:
     keys, labels = _scan_labels(reader)
-  return FaceRecords(reader, keys, labels, int(labels.max()) + 1, (height, width, 3),
-                     num_classes)
+    found = 'the distinct labels of its image records'
+  num_identities = int(labels.max()) + 1
+  if num_classes != num_identities:
+    raise FaceDataError(
+        f'{os.path.join(directory, "property")}: says {num_classes} classes, but '
+        f'{reader.rec_path} has {num_identities} identities ({found}); the property file '
+        'belongs to another dataset, or the .rec is incomplete.')
+  return FaceRecords(reader, keys, labels, num_identities, (height, width, 3), num_classes)
 
 
 def _identity_index(reader: RecordReader, head: RecordHeader) -> tuple[np.ndarray, np.ndarray]:
@@ -479,7 +512,7 @@ def _identity_index(reader: RecordReader, head: RecordHeader) -> tuple[np.ndarra
   id_start, id_end = int(head.labels[0]), int(head.labels[1])
   if id_end <= id_start:
     raise FaceDataError(f'{reader.where(0)}: empty identity range [{id_start}, {id_end}).')
-  keys, labels = [], []
+  keys, labels, ranges = [], [], []
   for c, id_key in enumerate(range(id_start, id_end)):
     if id_key not in reader:
       raise FaceDataError(f'{reader.idx_path}: identity record {id_key} (record 0 lists '
@@ -494,12 +527,46 @@ def _identity_index(reader: RecordReader, head: RecordHeader) -> tuple[np.ndarra
                           f'expected 0 < start < end <= {id_start}.')
     keys.append(np.arange(a, b, dtype=np.int64))
     labels.append(np.full(b - a, c, np.int32))
+    ranges.append((a, b, c, id_key))
+  _check_identity_ranges(reader, ranges, id_start)
   keys_arr = np.concatenate(keys)
   missing = ~np.isin(keys_arr, reader.keys)
   if missing.any():
     raise FaceDataError(f'{reader.idx_path}: image record {keys_arr[missing][0]} (listed by '
                         'an identity record) is not in the index.')
   return keys_arr, np.concatenate(labels)
+
+
+def _check_identity_ranges(reader: RecordReader, ranges: list[tuple[int, int, int, int]],
+                           id_start: int) -> None:
+  """Raises `FaceDataError` unless the identities' image ranges tile ``[1, id_start)``.
+
+  Args:
+    reader: the records (names the file and the identity records in messages).
+    ranges: ``(start, end, identity, identity record key)`` of every identity.
+    id_start: the first identity record's key; image records are ``1..id_start - 1``.
+  """
+  ordered = sorted(ranges)
+  previous_end, previous = 1, None
+  for a, b, c, id_key in ordered:
+    if a < previous_end:
+      pa, pb, pc, _ = previous
+      raise FaceDataError(
+          f'{reader.where(id_key)}: identity {c} has image range [{a}, {b}), which overlaps '
+          f'identity {pc}\'s [{pa}, {pb}); each image record must belong to one identity.')
+    if a > previous_end:
+      after = (f"after identity {previous[2]}'s [{previous[0]}, {previous[1]})" if previous
+               else 'before the first identity')
+      raise FaceDataError(
+          f'{reader.where(id_key)}: image records [{previous_end}, {a}) belong to no identity '
+          f"({after}, before identity {c}'s [{a}, {b})); they would be silently dropped.")
+    previous_end, previous = b, (a, b, c, id_key)
+  if previous_end != id_start:
+    a, b, c, id_key = previous
+    raise FaceDataError(
+        f"{reader.where(id_key)}: image records [{previous_end}, {id_start}) belong to no "
+        f"identity (after identity {c}'s [{a}, {b}), the last); they would be silently "
+        'dropped.')
 
 
 def _scan_labels(reader: RecordReader) -> tuple[np.ndarray, np.ndarray]:
@@ -541,6 +608,10 @@ def read_bin(path: str) -> tuple[list[bytes], np.ndarray]:
                         f'{type(obj).__name__}' + (f' of length {len(obj)}' if
                                                    isinstance(obj, (tuple, list)) else '') + '.')
   bins, issame = obj
+  if isinstance(bins, (list, tuple)) and not len(bins) and hasattr(issame, '__len__') \
+      and not len(issame):
+    raise FaceDataError(f'{path}: the verification file has no pairs (entries 0 and 1, the '
+                        'images and issame, are empty).')
   if not isinstance(bins, (list, tuple)):
     raise FaceDataError(f'{path}: entry 0 (the images) must be a list of JPEG byte '
                         f'strings, got {type(bins).__name__}.')

@@ -446,18 +446,48 @@ CIFAR10_VALID_SIZE = 5000
 _READ_CHUNK = 1000
 _PROGRESS_DELAY_S = 2.0
 
-_PREPARE_COMMAND = (
-    'pip install tensorflow && python -c "import tensorflow_datasets as tfds; '
-    "tfds.builder('cifar10', data_dir='{dir}', file_format='array_record')"
+# What preparing needs besides tensorflow-datasets: TensorFlow (the CIFAR-10 builder
+# reads the download and encodes PNGs with it), and importlib_resources, which
+# tensorflow-datasets 4.9 imports in DatasetBuilder.code_path but declares only for
+# Pythons older than 3.9.
+PREPARE_PACKAGES = ('tensorflow', 'tensorflow-datasets', 'importlib_resources')
+_INSTALL_COMMAND = 'pip install ' + ' '.join(PREPARE_PACKAGES)
+_PREPARE_COMMAND = 'python -m nar_jax.prepare {name} --data_dir={dir}'
+_TFDS_COMMAND = (
+    'python -c "import tensorflow_datasets as tfds; '
+    "tfds.builder('{name}', data_dir='{dir}', file_format='array_record')"
     '.download_and_prepare()"')
 
 
-def _resolve_tfds_dir(data_dir: str | None) -> str:
-  if data_dir is None:
-    return os.environ.get(
-        'TFDS_DATA_DIR', os.path.join(os.path.expanduser('~'),
-                                      'tensorflow_datasets'))
+def resolve_tfds_dir(data_dir: str | None) -> str:
+  """The absolute TFDS data directory: `data_dir` with ``~`` expanded and made
+  absolute; for `None` or ``''``, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``."""
+  if not data_dir:
+    data_dir = os.environ.get('TFDS_DATA_DIR') or os.path.join('~', 'tensorflow_datasets')
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+
+
+def nested_tfds_dir(name: str, data_dir: str) -> str | None:
+  """The TFDS data directory that `data_dir` is inside of, if it is one or two levels
+  too deep: ``<data_dir>/<name>`` (holds ``<version>/dataset_info.json``) or
+  ``<data_dir>/<name>/<version>`` (holds ``dataset_info.json``); else None.
+  """
+  data_dir = os.path.abspath(data_dir)
+  if glob.glob(os.path.join(data_dir, '*', 'dataset_info.json')):
+    if os.path.basename(data_dir) == name:
+      return os.path.dirname(data_dir)
+  if os.path.isfile(os.path.join(data_dir, 'dataset_info.json')):
+    dataset_dir = os.path.dirname(data_dir)
+    if os.path.basename(dataset_dir) == name:
+      return os.path.dirname(dataset_dir)
+  return None
+
+
+def _nested_message(name: str, data_dir: str, parent: str) -> str:
+  return (
+      f'Dataset {name!r} is not in data_dir={data_dir!r}, but that directory is inside a '
+      f'prepared copy of it: did you mean {parent}? The data_dir is the directory that '
+      f'holds {name}/<version>/; pass --config.dataset.data_dir={parent}.')
 
 
 def _not_prepared_message(name: str, data_dir: str, problem: str) -> str:
@@ -465,7 +495,10 @@ def _not_prepared_message(name: str, data_dir: str, problem: str) -> str:
       f'Dataset {name!r} is not prepared in data_dir={data_dir!r}: {problem}\n'
       'Prepare it once, on a machine with internet access (this needs '
       'TensorFlow; reading it afterwards does not):\n'
-      f'  {_PREPARE_COMMAND.format(dir=data_dir)}\n'
+      f'  {_INSTALL_COMMAND}\n'
+      f'  {_PREPARE_COMMAND.format(name=name, dir=data_dir)}\n'
+      '(or, without nar_jax installed there: '
+      f'{_TFDS_COMMAND.format(name=name, dir=data_dir)})\n'
       f'then copy {data_dir!r} here if needed and pass '
       f'--config.dataset.data_dir={data_dir}. '
       'See README section "Preparing CIFAR-10".')
@@ -552,11 +585,14 @@ def _load_cifar10(*, data_dir, valid_size, seed):
   del seed  # The split is fixed: the last `valid_size` training records.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   name = 'cifar10'
-  where = _resolve_tfds_dir(data_dir)
+  where = resolve_tfds_dir(data_dir)
   valid_size = CIFAR10_VALID_SIZE if valid_size is None else valid_size
+  parent = nested_tfds_dir(name, where)
+  if parent is not None and not glob.glob(os.path.join(where, name, '*', 'dataset_info.json')):
+    raise DatasetNotPreparedError(_nested_message(name, where, parent))
   try:
     train_src, test_src = tfds.data_source(
-        name, split=['train', 'test'], data_dir=data_dir, download=False,
+        name, split=['train', 'test'], data_dir=where, download=False,
         try_gcs=False)
     train_all = _read_tfds_source(train_src, f'{name}/train')
     test = _read_tfds_source(test_src, f'{name}/test')

@@ -9,7 +9,8 @@ fixed network holding only the chosen ops. Nodes are the same
 :func:`~nar_jax.models.resnet.select_branches` work unchanged.
 
 The network (insightface's ``fresnet``, ``version_input=1, version_unit=3,
-version_output='E'``; DESIGN.md section 5), every BatchNorm with eps 2e-5:
+version_output='E'``; README, "Faces: refining LResNet50E-IR with ArcFace"), every
+BatchNorm with eps 2e-5:
 
 * "L" input: conv3x3 (stride 1) -> BN -> PReLU;
 * IR unit: BN -> node1 (op, BN) -> PReLU -> node2 (op carrying the stride, BN), plus
