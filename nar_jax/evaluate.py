@@ -45,6 +45,7 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
+from nar_jax import controller  # noqa: E402
 from nar_jax import config as config_lib  # noqa: E402
 from nar_jax import pipeline, report, train  # noqa: E402
 from nar_jax.checkpoint import PhaseCheckpoints  # noqa: E402
@@ -76,11 +77,27 @@ def load_run_config(workdir: str,
                        f'it ran with')
     return config
   with open(path) as f:
-    stored = ml_collections.ConfigDict(json.load(f))
+    stored = json.load(f)
+  defaults = config_lib.base_config()
+  # A pipeline config (every field in the schema) gets the fields added since the run.
+  stored = (_with_defaults(defaults, stored) if set(stored) <= set(defaults)
+            else ml_collections.ConfigDict(stored))
   if config is not None and config.to_dict() != stored.to_dict():
     raise ValueError(f'--config differs from the run\'s {path}; leave --config out to use the '
                      f'run\'s own config')
   return stored
+
+
+def _with_defaults(defaults: ml_collections.ConfigDict,
+                   stored: dict[str, Any]) -> ml_collections.ConfigDict:
+  """``stored`` (a run's ``config.json``) over the current schema's ``defaults``: a field
+  the schema gained after the run takes its default, which is what the run used."""
+  for name, value in stored.items():
+    if isinstance(value, dict) and isinstance(defaults.get(name), ml_collections.ConfigDict):
+      _with_defaults(defaults[name], value)
+    else:
+      defaults[name] = value
+  return defaults
 
 
 def _check_finished(workdir: str) -> None:
@@ -135,9 +152,8 @@ def space_size(space) -> int:
 
 def random_architectures(exp: pipeline.Experiment, num_random: int,
                          exclude: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
-  """``num_random`` distinct architectures drawn with the policy's ``uniform`` (each
-  node's op uniform over its candidates; joint: each skip bit a fair coin), none in
-  ``exclude``.
+  """``num_random`` distinct architectures, each node's op uniform over its candidates
+  (joint: the policy's ``uniform``, each skip bit a fair coin), none in ``exclude``.
 
   Draw ``d`` uses the key ``fold_in(key('evaluate_random'), d)``; repeats and excluded
   draws are skipped. So the list is a function of the run's seed, and the first ``k``
@@ -147,7 +163,11 @@ def random_architectures(exp: pipeline.Experiment, num_random: int,
   if num_random > available:
     raise ValueError(f'--num_random={num_random} exceeds the {available} architectures of the '
                      f'space {exp.space.name} besides the baseline and the refined one')
-  uniform = jax.jit(exp.policy().uniform)
+  # Uniform over the space even when the search started near the base network
+  # (search.controller.original_prob): the control is the space, not the search's prior.
+  mask = jnp.asarray(exp.mask)
+  uniform = jax.jit(exp.policy().uniform if exp.joint
+                    else lambda key: controller.uniform_sample(key, mask))
   key = exp.key('evaluate_random')
   seen, found = set(exclude), []
   draw = 0

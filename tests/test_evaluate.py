@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from nar_jax import config as config_lib
 from nar_jax import counting, data, evaluate, joint, pipeline
 from config_testing import load_config
 from test_configs import VARIANTS
@@ -259,3 +260,19 @@ def test_cli_reports_a_missing_config_json_without_a_traceback(tmp_path):
   assert proc.returncode == 2, proc.stderr
   assert 'Traceback' not in proc.stderr
   assert proc.stderr.startswith('error: ') and 'predates config.json' in proc.stderr
+
+
+def test_a_field_added_to_the_schema_after_the_run_takes_its_default(tmp_path):
+  """An older run's config.json lacks fields the schema gained since; they are the
+  defaults the run used."""
+  config = config_lib.base_config()
+  stored = config.to_dict()
+  del stored['model']['choice']
+  del stored['search']['cost']
+  stored['seed'] = 7
+  with open(tmp_path / pipeline.CONFIG_FILE, 'w') as f:
+    json.dump(stored, f)
+  loaded = evaluate.load_run_config(str(tmp_path))
+  assert loaded.seed == 7
+  assert loaded.model.choice == config.model.choice
+  assert loaded.search.cost.to_dict() == config.search.cost.to_dict()
