@@ -36,10 +36,11 @@ GRAD_TOL = 5e-3
 
 
 def _assert_gradients_close(actual, expected, message: str) -> None:
-  """``max |a - e| <= GRAD_TOL * max |e|`` for every leaf (exact zeros stay exact zeros)."""
+  """``max |a - e| <= GRAD_TOL * max |e| + 1e-5`` for every leaf (the floor: gradients that
+  vanish in exact arithmetic, such as a bias followed by BatchNorm, are rounding noise)."""
   for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
     a, e = np.asarray(a), np.asarray(e)
-    bound = GRAD_TOL * np.max(np.abs(e))
+    bound = GRAD_TOL * np.max(np.abs(e)) + 1e-5
     assert np.max(np.abs(a - e)) <= bound, f'{message}: {jax.tree_util.keystr(path)}'
 
 # (body, in channels, out channels, stride, image side): every stride / channel change,
