@@ -30,9 +30,10 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 # stand for, and these small random networks (batch 4, BatchNorm over a few values per
 # channel in the last stages) amplify rounding: a 1e-6 relative change of the input moves
 # the switch implementation's own gradients by ~1.1e-3 relative (block ResNet, measured),
-# select vs switch differs by ~1.2e-3 (block ResNet) and 4.4e-4 of the leaf's largest
-# gradient (IR-18). Hence each gradient leaf is compared relative to its largest entry.
-GRAD_TOL = 5e-3
+# select vs switch differs by ~1.2e-3 (block ResNet) and up to 7.7e-3 of the leaf's largest
+# gradient (IR-18, node00: the farthest from the loss, 36 BatchNorms deep). Hence each
+# gradient leaf is compared relative to its largest entry.
+GRAD_TOL = 2e-2
 
 
 def _assert_gradients_close(actual, expected, message: str) -> None:
