@@ -15,14 +15,18 @@ finds something at that scale (README, "Quickstart results"):
   variants").
 
   python -m nar_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+
+Variant ``random``: random search at the same budget (the same pretraining and search
+epochs with architectures of the untrained policy, no controller updates; derive keeps the
+best of 10 by the same cost-aware score), the control the search must beat.
 """
 
 from nar_jax.config import base_config
 
 
 def get_config(arg=None):
-  if arg:
-    raise ValueError(f"unknown variant {arg!r}; this config has none")
+  if arg not in (None, '', 'random'):
+    raise ValueError(f"unknown variant {arg!r}; use 'random' or none")
   c = base_config()
   c.dataset.name = 'mnist5k'
   c.dataset.crop_padding = 2
@@ -51,4 +55,6 @@ def get_config(arg=None):
   c.retrain.optimizer.t0_epochs = 6
   c.eval_batch_size = 500
   c.log_every_steps = 20
+  if arg == 'random':
+    c.search.method = 'random'
   return c

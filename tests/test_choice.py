@@ -37,11 +37,15 @@ GRAD_TOL = 2e-2
 
 
 def _assert_gradients_close(actual, expected, message: str) -> None:
-  """``max |a - e| <= GRAD_TOL * max |e| + 1e-5`` for every leaf (the floor: gradients that
-  vanish in exact arithmetic, such as a bias followed by BatchNorm, are rounding noise)."""
+  """``max |a - e| <= GRAD_TOL * max |e| + 1e-3 * G`` for every leaf, ``G`` the largest
+  gradient entry of the whole tree (the floor: leaves whose gradients (nearly) vanish in
+  exact arithmetic, such as a bias followed by BatchNorm, carry rounding noise of the size of
+  the network's gradients: IR-18's node01 max3x3 BN bias measured 1.5e-4 against entries of
+  1e-4)."""
+  floor = 1e-3 * max(float(np.max(np.abs(np.asarray(e)))) for e in jax.tree.leaves(expected))
   for (path, a), e in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree.leaves(expected)):
     a, e = np.asarray(a), np.asarray(e)
-    bound = GRAD_TOL * np.max(np.abs(e)) + 1e-5
+    bound = GRAD_TOL * np.max(np.abs(e)) + floor
     assert np.max(np.abs(a - e)) <= bound, f'{message}: {jax.tree_util.keystr(path)}'
 
 # (body, in channels, out channels, stride, image side): every stride / channel change,

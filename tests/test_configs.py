@@ -18,7 +18,7 @@ VARIANTS = {
     'cifar_resnet18_block': ['pretrain'],
     'cifar_resnet20_wide': [],
     'face_lresnet50e_ir': ['proxy', 'pretrain', 'smoke'],
-    'quickstart': [],
+    'quickstart': ['random'],
     'transfer_study': ['smoke'],
 }
 # Read by nar_jax.transfer, which builds nar_jax.main configs per network and task.

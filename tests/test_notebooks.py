@@ -71,8 +71,10 @@ def test_inject_parameters_rejects_names_the_notebook_does_not_define():
 
 def test_quickstart_notebook(tmp_path):
   nb = execute(os.path.join(NOTEBOOKS, 'quickstart.ipynb'),
-               {'SMOKE': True, 'WORKDIR': str(tmp_path / 'run')})
-  assert len(outputs(nb, 'image/png')) == 2  # learning curves, operator heat-maps
+               {'SMOKE': True, 'WORKDIR': str(tmp_path / 'run'), 'NUM_RANDOM': 1})
+  # Learning curves, operator heat-maps, accuracy against MACs of the evaluation.
+  assert len(outputs(nb, 'image/png')) == 3
+  assert any("Kendall's tau" in md for md in outputs(nb, 'text/markdown'))
   assert any('| parameters |' in md for md in outputs(nb, 'text/markdown'))
   assert os.path.exists(tmp_path / 'run' / 'op_probs.png')
   assert os.listdir(tmp_path / 'run' / 'tensorboard')
