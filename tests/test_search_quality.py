@@ -98,12 +98,17 @@ def _planted_update(pol, reward_of, cost, lr=0.05, entropy_weight=0.0):
                                       baseline_decay=0.9, cost=cost)
 
 
-def test_the_update_rewards_each_sample_with_its_cost_factor():
-  mask = QUICKSTART_SPACE.candidate_mask()
-  pol = policy.operator_policy(mask, 1.5, 16)
+def _quickstart_search(target_fraction):
+  """``(policy, macs_of, cost)``: an ENAS policy over the quickstart space and MnasNet's
+  soft constraint at ``target_fraction`` of the baseline's MACs."""
+  pol = policy.operator_policy(QUICKSTART_SPACE.candidate_mask(), 1.5, 16)
   macs_of = counting.macs_model(QUICKSTART_SPACE, **MNIST)
   baseline_macs = float(macs_of(jnp.asarray(QUICKSTART_SPACE.baseline())))
-  cost = reinforce.CostReward(macs_of, 0.5 * baseline_macs, -0.07, -0.07)
+  return pol, macs_of, reinforce.CostReward(macs_of, target_fraction * baseline_macs, -0.07, -0.07)
+
+
+def test_the_update_rewards_each_sample_with_its_cost_factor():
+  pol, _, cost = _quickstart_search(0.5)
   accuracy_of = lambda arch: jnp.mean(arch == 0).astype(jnp.float32)  # conv3x3 everywhere = 1
   tx, update = _planted_update(pol, accuracy_of, cost, entropy_weight=0.01)
   state = train.controller_state(pol.init(jax.random.key(0)), tx)
@@ -125,11 +130,7 @@ def test_the_update_rewards_each_sample_with_its_cost_factor():
 
 def test_the_cost_aware_reward_moves_a_planted_search_toward_cheaper_ops():
   """Every architecture is equally accurate: only the cost term can teach anything."""
-  mask = QUICKSTART_SPACE.candidate_mask()
-  pol = policy.operator_policy(mask, 1.5, 16)
-  macs_of = counting.macs_model(QUICKSTART_SPACE, **MNIST)
-  baseline_macs = float(macs_of(jnp.asarray(QUICKSTART_SPACE.baseline())))
-  cost = reinforce.CostReward(macs_of, 0.7 * baseline_macs, -0.07, -0.07)
+  pol, macs_of, cost = _quickstart_search(0.7)
   dummy = jnp.zeros((20, 1))
 
   def mean_sampled_macs(cost):
