@@ -236,14 +236,15 @@ class Experiment:
     return reinforce.CostReward(counting.macs_model(self.retrain_space, *self.count_arguments()),
                                 float(target), cfg.weight, cfg.weight_below)
 
-  def score(self, valid_acc: float, arch) -> float:
-    """What derive ranks architectures by: the controller's reward without its entropy
-    bonus (accuracy, times the cost factor when ``config.search.cost`` is set)."""
+  def score(self, valid_acc: float, macs: int) -> float:
+    """What derive ranks an architecture of ``macs`` MACs by: the controller's reward
+    without its entropy bonus (accuracy, times the cost factor when ``config.search.cost``
+    is set)."""
     if self.cost is None:
       return valid_acc
     c = self.cost
-    return float(reinforce.cost_aware_reward(valid_acc, self.counts(arch).macs, c.target_macs,
-                                             c.weight, c.weight_below))
+    return float(reinforce.cost_aware_reward(valid_acc, macs, c.target_macs, c.weight,
+                                             c.weight_below))
 
   @property
   def used_mask(self) -> train.UsedMask:
@@ -744,7 +745,7 @@ def score_proposals(exp: Experiment, eval_fn: Callable, variables: Any,
     macs = exp.counts(arch).macs
     candidates.append({'source': source, 'arch': exp.space.names(arch), 'op_indices': list(arch),
                        'log_prob': float(s.log_prob), 'valid_acc': scores['accuracy'],
-                       'macs': macs, 'score': exp.score(scores['accuracy'], arch)})
+                       'macs': macs, 'score': exp.score(scores['accuracy'], macs)})
     exp.log.info(f'[{phase}] {source}: valid acc {scores["accuracy"]:.4f} score '
                  f'{candidates[-1]["score"]:.4f} MACs {macs:,} '
                  f'{report.arch_text(candidates[-1]["arch"])}')
