@@ -52,30 +52,9 @@ class Stage:
   stride: int
 
 
-@dataclasses.dataclass(frozen=True)
-class SearchSpace:
-  """A residual base network and its searchable nodes.
-
-  ``family`` names the skeleton around the nodes:
-
-  * ``'resnet'``: basic-block ResNet (:class:`nar_jax.models.resnet.ResNet`). With
-    ``granularity='conv'`` every 3x3 conv of a block is a node (two per block: the
-    paper's ResNet-18-16); with ``granularity='block'`` a node is a whole residual
-    body ``op -> BN -> ReLU -> op -> BN`` (ResNet-18-8): choosing operator ``op``
-    for that node sets both layers of the body to ``op``.
-  * ``'ir'``: ArcFace's LResNet-E-IR (:class:`nar_jax.models.iresnet.IResNet`),
-    always at conv granularity: unit ``BN -> node -> PReLU -> node``, where the
-    second node carries the unit's stride, then the "E" output block producing an
-    ``embedding_size`` embedding (see :func:`ir_space`).
-  """
-
-  name: str
-  granularity: Granularity
-  stem_channels: int
-  stages: tuple[Stage, ...]
-  nodes: tuple[Node, ...]
-  family: Family = 'resnet'
-  embedding_size: int | None = None  # 'ir' only: features of the face embedding
+class _Nodes:
+  """What every operator space is: an ordered tuple of :class:`Node` s (``self.nodes``)
+  and the architectures over them."""
 
   @property
   def num_nodes(self) -> int:
@@ -132,6 +111,46 @@ class SearchSpace:
   def names(self, arch: Sequence[int | str]) -> list[str]:
     """The architecture as op names (validated)."""
     return [ops.OP_NAMES[i] for i in self.validate(arch)]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpace(_Nodes):
+  """An operator space of any network: its name and its searchable nodes, in the order
+  the network runs them (README, "Refining your own network").
+
+  Attributes:
+    name: the space's name (``report.md``, ``arch.json``).
+    nodes: one :class:`Node` per searchable layer.
+  """
+
+  name: str
+  nodes: tuple[Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace(_Nodes):
+  """A residual base network and its searchable nodes.
+
+  ``family`` names the skeleton around the nodes:
+
+  * ``'resnet'``: basic-block ResNet (:class:`nar_jax.models.resnet.ResNet`). With
+    ``granularity='conv'`` every 3x3 conv of a block is a node (two per block: the
+    paper's ResNet-18-16); with ``granularity='block'`` a node is a whole residual
+    body ``op -> BN -> ReLU -> op -> BN`` (ResNet-18-8): choosing operator ``op``
+    for that node sets both layers of the body to ``op``.
+  * ``'ir'``: ArcFace's LResNet-E-IR (:class:`nar_jax.models.iresnet.IResNet`),
+    always at conv granularity: unit ``BN -> node -> PReLU -> node``, where the
+    second node carries the unit's stride, then the "E" output block producing an
+    ``embedding_size`` embedding (see :func:`ir_space`).
+  """
+
+  name: str
+  granularity: Granularity
+  stem_channels: int
+  stages: tuple[Stage, ...]
+  nodes: tuple[Node, ...]
+  family: Family = 'resnet'
+  embedding_size: int | None = None  # 'ir' only: features of the face embedding
 
 
 # ---------------------------------------------------------------------------------------

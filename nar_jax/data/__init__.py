@@ -14,7 +14,7 @@ from nar_jax.data.augment import random_flip
 from nar_jax.data.faces import LazyImages
 from nar_jax.data.faces import load_face_splits
 from nar_jax.data.faces import load_verification_set
-from nar_jax.data.faces import prefetch
+from nar_jax.data.prefetch import prefetch
 from nar_jax.data.faces import VerificationSet
 from nar_jax.data.insightface import FaceDataError
 from nar_jax.data.sources import batches
