@@ -32,6 +32,8 @@ from nar_jax import controller as controller_lib
 from nar_jax import counting, data, margins, ops, reinforce, report, train, verification
 from nar_jax import policy as policy_lib
 from nar_jax import tensorboard
+from nar_jax import workdir as workdir_lib
+from nar_jax.workdir import CONFIG_FILE, write_config  # noqa: F401  (the workdir's config.json)
 from nar_jax.checkpoint import PhaseCheckpoints
 from nar_jax.data import faces, synthetic_faces
 from nar_jax.joint import JointSpace, joint_space
@@ -46,10 +48,6 @@ _PHASE_KEYS = {'init': 0, 'pretrain': 1, 'search': 2, 'derive': 3, 'retrain_base
 _INDEXED_PHASES = ('retrain_random',)
 """Phase families ``<family>_<i>`` (e.g. ``retrain_random_03``, the search evaluation's
 i-th random architecture): each member's key is the family's key folded with ``i``."""
-
-CONFIG_FILE = 'config.json'
-"""The resolved config of a run, written by :func:`setup` into its workdir."""
-
 
 # ---------------------------------------------------------------------------------------
 # Logging.
@@ -325,12 +323,6 @@ def _write_text(path: str, text: str) -> None:
   with open(tmp, 'w') as f:
     f.write(text)
   os.replace(tmp, path)
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes ``config`` as readable JSON to ``<workdir>/config.json`` (:data:`CONFIG_FILE`);
-  ``ml_collections.ConfigDict(json.load(f))`` reads it back with every field and type."""
-  _write_text(os.path.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2) + '\n')
 
 
 def build_space(config: ml_collections.ConfigDict) -> SearchSpace | JointSpace:
@@ -997,8 +989,14 @@ def _searched(exp: Experiment) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the whole pipeline; returns the report dict."""
+  """Runs (or resumes) the whole pipeline; returns the report dict. The run holds the
+  workdir (:func:`nar_jax.workdir.claim`: writable, locked, its config.json's config)."""
   workdir = config_lib.expand_path(workdir)
+  with workdir_lib.claim(config, workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   exp = setup(config, workdir)
   exp.log.text('config', f'```\n{config}\n```')
   baseline = exp.space.baseline()
