@@ -206,12 +206,23 @@ def _field_list(differences: list[tuple[str, Any, Any]]) -> str:
 def mismatch_message(workdir: str, differences: list[tuple[str, Any, Any]]) -> str:
   """The error of a run whose config differs from its workdir's ``config.json``: each
   differing field with both values, and the two ways out."""
+  head = (f'{workdir} holds a run of another config: {len(differences)} field(s) differ from '
+          f'its {CONFIG_FILE}:\n{_field_list(differences)}\n')
   fields = ','.join(name for name, _, _ in differences)
-  return (f'{workdir} holds a run of another config: {len(differences)} field(s) differ from '
-          f'its {CONFIG_FILE}:\n{_field_list(differences)}\n'
-          f'Run the new experiment in a new --workdir, or continue this run deliberately with '
-          f'the new values: --config.allow_changes={fields} (README, "Reliability": which '
-          f'phases are then recomputed)')
+  fixed = [name for name, _, _ in differences if phase_of(name) is None]
+  if not fixed:
+    return head + (f'Run the new experiment in a new --workdir, or continue this run '
+                   f'deliberately with the new values: --config.allow_changes={fields} (README, '
+                   f'"Reliability": which phases are then recomputed)')
+  return head + (f'Run the new experiment in a new --workdir. (A deliberate continuation, '
+                 f'--config.allow_changes=FIELDS, is for the sections {_continuable()}; every '
+                 f'phase depends on {", ".join(fixed)}, so this run cannot continue under '
+                 f'{"it" if len(fixed) == 1 else "them"}.)')
+
+
+def _continuable() -> str:
+  """The sections :data:`PHASES` lists, for messages."""
+  return ', '.join(s for p in PHASES for s in p.sections)
 
 
 def continuation(workdir: str, differences: list[tuple[str, Any, Any]],
@@ -234,8 +245,7 @@ def continuation(workdir: str, differences: list[tuple[str, Any, Any]],
       raise WorkdirError(
           f'config.allow_changes lets config.{name} differ ({stored!r} stored, {current!r} now), '
           f'but every phase depends on it: no run can continue under it. Run the new '
-          f'experiment in a new --workdir (continuable sections: '
-          f'{", ".join(s for p in PHASES for s in p.sections)})')
+          f'experiment in a new --workdir (continuable sections: {_continuable()})')
     if (name.rpartition('.')[2] == 'epochs' and isinstance(stored, (int, float))
         and isinstance(current, (int, float)) and current < stored):
       raise WorkdirError(f'config.{name} cannot go down from {stored} to {current} in a '

@@ -128,9 +128,23 @@ def test_a_differing_config_stops_the_run_naming_fields_values_and_ways_out(tmp_
   assert 'config.model.width: 1.0 (stored) != 0.25 (now)' in message
   assert 'config.seed: 0 (stored) != 3 (now)' in message
   assert 'log_every_steps' not in message
-  assert 'new --workdir' in message and '--config.allow_changes=model.width,seed' in message
+  assert 'new --workdir' in message and '--config.allow_changes=FIELDS' in message
+  assert 'every phase depends on model.width, seed' in message
   assert existing(tmp_path) - {workdir_lib.LOCK_FILE} == before  # config.json untouched
   assert workdir_lib.read_config(str(tmp_path)).model.width == 1.0
+
+
+def test_a_continuable_difference_suggests_the_override(tmp_path):
+  write_stored(tmp_path)
+  current = config_lib.base_config()
+  current.retrain.epochs = 300
+  current.search.epochs = 10
+  with pytest.raises(WorkdirError) as info:
+    with workdir_lib.claim(current, str(tmp_path)):
+      pass
+  assert 'config.retrain.epochs: 200 (stored) != 300 (now)' in str(info.value)
+  assert ('new --workdir, or continue this run deliberately with the new values: '
+          '--config.allow_changes=retrain.epochs,search.epochs') in str(info.value)
 
 
 def test_harmless_differences_run(tmp_path):
@@ -396,7 +410,7 @@ def test_cli_refuses_another_config_and_continues_an_allowed_one(tmp_path):
   assert 'Traceback' not in other.stderr
   assert other.stderr.startswith(f'error: {workdir} holds a run of another config')
   assert 'config.model.width: 0.0625 (stored) != 0.25 (now)' in other.stderr
-  assert '--config.allow_changes=model.width' in other.stderr
+  assert 'new --workdir' in other.stderr and 'every phase depends on model.width' in other.stderr
   assert contents(workdir) == before  # nothing written
 
   more = run_main(workdir, cache, '--config.retrain.epochs=2',
