@@ -202,6 +202,10 @@ def base_config() -> ml_collections.ConfigDict:
   # epoch's batches put on the devices at once: no host round trip between steps, but
   # progress is logged once per epoch and the epoch's images must fit in device memory.
   c.scan_epoch = False
+  # A deliberate continuation of a workdir under changed fields: comma-separated field
+  # names or sections (e.g. 'retrain.epochs') that may differ from <workdir>/config.json;
+  # the phases that use them are recomputed (nar_jax.workdir, README "Reliability").
+  c.allow_changes = ''
   return c
 
 

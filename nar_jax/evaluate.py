@@ -45,6 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 from nar_jax import config as config_lib  # noqa: E402
 from nar_jax import families, files, pipeline, train  # noqa: E402
+from nar_jax import workdir as workdir_lib  # noqa: E402
 from nar_jax.data import DatasetNotPreparedError  # noqa: E402
 from nar_jax.phases import loop, retrain, supernet  # noqa: E402
 from nar_jax.phases.context import Context, Networks  # noqa: E402
@@ -74,28 +75,11 @@ def load_run_config(workdir: str,
                        f'not a run); pass --config=<the run\'s config file> with the overrides '
                        f'it ran with')
     return config
-  with open(path) as f:
-    stored = json.load(f)
-  defaults = config_lib.base_config()
-  # A pipeline config (every field in the schema) gets the fields added since the run.
-  stored = (_with_defaults(defaults, stored) if set(stored) <= set(defaults)
-            else ml_collections.ConfigDict(stored))
+  stored = workdir_lib.read_config(workdir)  # with the fields the schema gained since
   if config is not None and config.to_dict() != stored.to_dict():
     raise ValueError(f'--config differs from the run\'s {path}; leave --config out to use the '
                      f'run\'s own config')
   return stored
-
-
-def _with_defaults(defaults: ml_collections.ConfigDict,
-                   stored: dict[str, Any]) -> ml_collections.ConfigDict:
-  """``stored`` (a run's ``config.json``) over the current schema's ``defaults``: a field
-  the schema gained after the run takes its default, which is what the run used."""
-  for name, value in stored.items():
-    if isinstance(value, dict) and isinstance(defaults.get(name), ml_collections.ConfigDict):
-      _with_defaults(defaults[name], value)
-    else:
-      defaults[name] = value
-  return defaults
 
 
 def _check_finished(workdir: str) -> None:
@@ -444,7 +428,8 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   train.add_cpu_xla_flags()
   try:
-    result = evaluate(flags.FLAGS.workdir, flags.FLAGS.num_random, flags.FLAGS.config)
+    with workdir_lib.lock(flags.FLAGS.workdir):  # one run per workdir at a time
+      result = evaluate(flags.FLAGS.workdir, flags.FLAGS.num_random, flags.FLAGS.config)
   except (DatasetNotPreparedError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)

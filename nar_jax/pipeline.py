@@ -23,20 +23,11 @@ import numpy as np
 
 from nar_jax import config as config_lib
 from nar_jax import files, report, train
+from nar_jax import workdir as workdir_lib
+from nar_jax.workdir import CONFIG_FILE, write_config  # noqa: F401  (the workdir's config.json)
 from nar_jax.phases import alternating, derive, loop, pretrain, retrain, search
 from nar_jax.phases.context import Context, Networks
 from nar_jax.progress import Log
-
-CONFIG_FILE = 'config.json'
-"""The resolved config of a run, written by :func:`setup` into its workdir."""
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes ``config`` as readable JSON to ``<workdir>/config.json`` (:data:`CONFIG_FILE`);
-  ``ml_collections.ConfigDict(json.load(f))`` reads it back with every field and type."""
-  files.write_text(os.path.join(workdir, CONFIG_FILE),
-                   config.to_json_best_effort(indent=2) + '\n')
-
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Context, Networks]:
   """Validates the config, writes it to ``<workdir>/config.json`` (:data:`CONFIG_FILE`)
@@ -99,8 +90,14 @@ def searched(ctx: Context, nets: Networks) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the whole pipeline; returns the report dict."""
+  """Runs (or resumes) the whole pipeline; returns the report dict. The run holds the
+  workdir (:func:`nar_jax.workdir.claim`: writable, locked, its config.json's config)."""
   workdir = config_lib.expand_path(workdir)
+  with workdir_lib.claim(config, workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ctx, nets = setup(config, workdir)
   try:
     ctx.log.text('config', f'```\n{config}\n```')

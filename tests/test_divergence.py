@@ -156,10 +156,12 @@ def test_a_diverged_pipeline_stops_and_resumes_with_a_sane_learning_rate(tmp_pat
   assert not os.path.exists(os.path.join(workdir, 'results'))
   assert PhaseCheckpoints(workdir, 'pretrain').latest_step() is None
   # Sane shared weights, a diverging retraining: the search's results and checkpoints stay.
+  # (Changing a learning rate of a workdir's run is a deliberate continuation.)
   with pytest.raises(NonFiniteError, match=r'\[retrain_refined\] .*retrain.optimizer.lr_max'):
-    run_tiny(tiny_config(**{'retrain.optimizer.lr_max': 1e8}), workdir)
+    run_tiny(tiny_config(**{'retrain.optimizer.lr_max': 1e8, 'allow_changes':
+                            'child.optimizer.lr_max,retrain.optimizer.lr_max'}), workdir)
   assert os.path.exists(os.path.join(workdir, 'results', 'derive.json'))
   assert {'pretrain', 'search'} <= set(_all_checkpoints_finite(workdir))
   # A sane re-run skips the finished search and retrains.
-  report = run_tiny(tiny_config(), workdir)
+  report = run_tiny(tiny_config(**{'allow_changes': 'retrain.optimizer.lr_max'}), workdir)
   assert np.isfinite(report['refined']['test_acc']) and np.isfinite(report['baseline']['test_acc'])
