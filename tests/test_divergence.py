@@ -151,7 +151,7 @@ def _all_checkpoints_finite(workdir: str) -> list[str]:
 def test_a_diverged_pipeline_stops_and_resumes_with_a_sane_learning_rate(tmp_path, compile_cache):
   workdir = str(tmp_path)
   # The shared weights diverge in pretraining: nothing is saved, no phase is recorded.
-  with pytest.raises(NonFiniteError, match=r'\[pretrain\] .*child.optimizer.lr_max=1e\+08'):
+  with pytest.raises(NonFiniteError, match=r'\[pretrain\] .*child.optimizer.lr_max is 1e\+08'):
     run_tiny(tiny_config(**{'child.optimizer.lr_max': 1e8}), workdir)
   assert not os.path.exists(os.path.join(workdir, 'results'))
   assert PhaseCheckpoints(workdir, 'pretrain').latest_step() is None

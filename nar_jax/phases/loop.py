@@ -31,7 +31,7 @@ def _divergence(phase: str, epoch: int, step: int, what: str, last: dict[str, An
   return NonFiniteError(
       f'[{phase}] non-finite {what} at epoch {epoch + 1} step {step} ({seen}). The step was '
       f'not applied and nothing after the last checkpoint was saved: the run stopped there. '
-      f'Try {advice}, then run the same command again: it resumes from the last checkpoint.')
+      f'Try {advice}; the run then resumes from the last checkpoint.')
 
 
 class _Watch:
@@ -146,7 +146,9 @@ def context_epoch(ctx: Context, step_fn: Callable, state: train.TrainState, spli
                      mesh=ctx.mesh, seed=ctx.config.seed,
                      log_every_steps=ctx.config.log_every_steps,
                      scan=ctx.config.get('scan_epoch', False),
-                     advice=f'a lower learning rate (config.{optimizer}.lr_max={lr:g} now)')
+                     advice=f'a lower learning rate (config.{optimizer}.lr_max is {lr:g}): add '
+                            f'--config.{optimizer}.lr_max=<lower> --config.allow_changes='
+                            f'{optimizer}.lr_max to the same command')
 
 
 def check_finite_scores(phase: str, what: str, values: dict[str, float]) -> None:
@@ -156,7 +158,8 @@ def check_finite_scores(phase: str, what: str, values: dict[str, float]) -> None
   if bad:
     raise NonFiniteError(f'[{phase}] non-finite {what}: {bad}; the weights that produced '
                          f'{"it" if len(bad) == 1 else "them"} are not usable. Nothing was '
-                         f'saved; try a lower learning rate and run the same command again.')
+                         f'saved; try a lower learning rate (--config.allow_changes=<its field> '
+                         f'continues this workdir with it).')
 
 
 def evaluate_split(eval_fn: Callable, variables: Any, split: data.Split, batch_size: int,

@@ -70,9 +70,9 @@ def controller_updates(ctx: Context, update_fn: Callable, ctrl: train.Controller
           f'[controller] non-finite loss, gradient norm or reward at epoch {epoch + 1} update '
           f'{u + 1} (reward {float(m["reward"]):.4g}, loss {float(m["controller_loss"]):.4g}). '
           'The update was not applied and nothing after the last checkpoint was saved. Try a '
-          f'lower learning rate (config.search.controller.lr={lr:g} now, or the shared '
-          "weights' config.child.optimizer.lr_max), then run the same command again: it "
-          'resumes from the last checkpoint.')
+          f'lower learning rate (config.search.controller.lr is {lr:g}; or the shared '
+          "weights' config.child.optimizer.lr_max) with --config.allow_changes=<that field> "
+          'added to the same command; the run then resumes from the last checkpoint.')
   return ctrl, fetched
 
 
