@@ -1,7 +1,10 @@
 """Analytic parameter and MAC counts of any architecture of a search space.
 
 MACs are the multiply-accumulates of convolutions and dense layers, which is how the
-paper and ArcFace count "FLOPs". Parameters are trainable weights (conv kernels,
+paper and ArcFace count "FLOPs"; BatchNorm, activations, pooling and residual additions
+cost none. (So ImageNet ResNet-18 at 224x224 has 1,814,073,344 MACs, torchvision's
+"1.81 GFLOPS"; counters that also charge those per-element operations, such as
+ptflops, print 1.82 GMac.) Parameters are trainable weights (conv kernels,
 BatchNorm scale and bias, PReLU slopes, dense weights and bias). Both come from the
 operator recipes in :mod:`nar_jax.ops`, the same definitions the modules are built from.
 
@@ -66,9 +69,11 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
   ir = space.family == 'ir'
   if ir and embedding_size is not None:
     raise ValueError('IR networks embed with space.embedding_size; pass embedding_size=None')
-  hw = tuple(image_hw)
-  stem = ops.ConvLayer(3, in_channels, space.stem_channels)
-  total = ops.count_conv(stem, hw) + ops.count_bn(space.stem_channels)
+  stem = space.stem_layers
+  stem_conv = ops.ConvLayer(stem.kernel, in_channels, space.stem_channels, stem.stride)
+  conv_hw = tuple(ops.same_padding(s, stem.kernel, stem.stride)[1] for s in image_hw)
+  total = ops.count_conv(stem_conv, conv_hw) + ops.count_bn(space.stem_channels)
+  hw = stem.out_hw(image_hw)  # the stem's max pool (if any) costs no MACs
   if ir:
     total += count_prelu(space.stem_channels)
   channels = space.stem_channels
