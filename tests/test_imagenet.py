@@ -212,6 +212,9 @@ def test_batches_have_the_shapes_the_training_consumes(fake):
   for images, labels in got:
     assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
     assert labels.shape == (4,) and labels.dtype == np.int32
+  # Without a shard: this process's (the only one here), equally many examples per host.
+  default = next(imagenet.batches(source, 4, train=True, seed=0, epoch=0))
+  np.testing.assert_array_equal(default[0], got[0][0])
   eval_batches = list(imagenet.batches(source, 4, train=False, seed=0, epoch=0, shard=ONE_HOST))
   assert [len(b[1]) for b in eval_batches] == [4, 4, 4, 4, 4, 1]  # No drop in evaluation.
 

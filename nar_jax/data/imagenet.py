@@ -65,7 +65,8 @@ class InputOptions(NamedTuple):
     threads: threads decoding examples in each process (grain ``ReadOptions``);
       PIL releases the GIL while it decodes and resizes, so threads scale.
     processes: worker processes (grain ``mp_prefetch``), each with ``threads``
-      threads; 0 decodes in this process only.
+      threads; 0 decodes in this process only. Workers are spawned: a script using
+      them needs the ``if __name__ == '__main__':`` guard.
     buffer: decoded examples kept ahead of the consumer per process.
   """
 
@@ -245,12 +246,13 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
   return int(shuffle), int(augment)
 
 
-def process_shard() -> Any:
+def process_shard(drop_remainder: bool = False) -> Any:
   """This process's ``grain.sharding.ShardOptions``: shard ``jax.process_index()`` of
-  ``jax.process_count()``."""
+  ``jax.process_count()``; ``drop_remainder``: every shard equally many examples."""
   import grain  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  return grain.sharding.ShardOptions(jax.process_index(), jax.process_count())
+  return grain.sharding.ShardOptions(jax.process_index(), jax.process_count(),
+                                     drop_remainder=drop_remainder)
 
 
 def shard_size(num_examples: int, shard: Any) -> int:
@@ -318,13 +320,11 @@ def batches(source: Sequence[dict[str, Any]], batch_size: int, *, train: bool, s
 
   Returns:
     An iterator of ``(images, labels)``: uint8 ``(B, 224, 224, 3)`` and int32 ``(B,)``;
-    `num_batches` of them.
+    `num_batches` of them. Evaluation over several hosts (no drop) leaves the hosts
+    different numbers of examples and a short last batch: pad before a collective step.
   """
   import grain  # pylint: disable=g-import-not-at-top
-  if shard is None:
-    shard = process_shard()
-    shard = grain.sharding.ShardOptions(shard.shard_index, shard.shard_count,
-                                        drop_remainder=train)
+  shard = process_shard(drop_remainder=train) if shard is None else shard
   drop_remainder = train if drop_remainder is None else drop_remainder
   num_batches(len(source), batch_size, shard, drop_remainder)  # Validates batch_size.
   ds = epoch_dataset(source, train=train, seed=seed, epoch=epoch, shard=shard)
