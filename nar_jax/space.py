@@ -243,8 +243,9 @@ def resnet_space(base: str = 'resnet18', granularity: Granularity = 'conv', widt
   """A basic-block ResNet as a search space.
 
   Args:
-    base: ``'resnet18'`` (ResNet-18: [2,2,2,2] blocks of 64-128-256-512) or ``'resnet20_wide'`` (ResNet-20 with
-      64/128/256 channels, the paper's Table 1 baseline).
+    base: ``'resnet18'`` (ResNet-18: [2,2,2,2] blocks of 64-128-256-512) or
+      ``'resnet20_wide'`` (ResNet-20 with 64/128/256 channels, the paper's Table 1
+      baseline).
     granularity: ``'conv'`` (a node per 3x3 conv) or ``'block'`` (a node per body).
     width: multiplier on every channel count (small CPU configs use < 1).
     rule: candidate rule, see :func:`candidates_for`.

@@ -66,7 +66,8 @@ def write_fake_imagenet(data_dir: str, sizes: dict[str, int] | None = None,
   Returns:
     ``{split: [FakeImage, ...]}`` in writing order (TFDS stores its own order).
   """
-  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as real  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as real
 
   sizes = {'train': 20, 'validation': 10} if sizes is None else dict(sizes)
   unknown = set(sizes) - set(imagenet.SPLITS)

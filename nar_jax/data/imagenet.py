@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
+import grain
+import jax
 import numpy as np
 from PIL import Image
 
@@ -94,31 +95,6 @@ def not_prepared_message(data_dir: str, problem: str) -> str:
       'See README section "Preparing ImageNet".')
 
 
-def diagnose(data_dir: str, splits: Sequence[str] = SPLITS) -> str | None:
-  """Says why `data_dir` holds no readable ``imagenet2012`` with `splits`; None if it
-  looks complete."""
-  if not os.path.isdir(data_dir):
-    return 'the directory does not exist.'
-  infos = sorted(glob.glob(os.path.join(data_dir, NAME, '*', 'dataset_info.json')))
-  if not infos:
-    return (f'no prepared copy under it (expected '
-            f'{os.path.join(data_dir, NAME, "<version>", "dataset_info.json")}).')
-  version_dir = os.path.dirname(infos[-1])
-  try:
-    with open(infos[-1]) as f:
-      file_format = json.load(f).get('fileFormat', 'tfrecord')
-  except (OSError, ValueError) as e:
-    return f'cannot read {infos[-1]} ({e}).'
-  if file_format != 'array_record':
-    return (f'it was prepared with file_format={file_format!r}, but reading without '
-            "TensorFlow needs file_format='array_record'; build it again as below.")
-  for split in splits:
-    if not glob.glob(os.path.join(version_dir, f'{NAME}-{split}.array_record*')):
-      return (f'the {split} array_record files are missing from {version_dir} '
-              '(incomplete copy?).')
-  return None
-
-
 def open_split(split: str, data_dir: str | None = None) -> Sequence[dict[str, Any]]:
   """The records of ``imagenet2012/<split>`` with the images left as JPEG bytes.
 
@@ -142,8 +118,8 @@ def open_split(split: str, data_dir: str | None = None) -> Sequence[dict[str, An
   if parent is not None and not glob.glob(os.path.join(where, NAME, '*', 'dataset_info.json')):
     raise sources.DatasetNotPreparedError(
         sources._nested_message(NAME, where, parent))  # pylint: disable=protected-access
-  base = split.split('[')[0]
-  problem = diagnose(where, (base,))
+  problem = sources._diagnose_tfds_dir(  # pylint: disable=protected-access
+      NAME, where, (split.split('[')[0],))
   if problem is not None:
     raise sources.DatasetNotPreparedError(not_prepared_message(where, problem))
   try:
@@ -246,16 +222,14 @@ def epoch_seeds(seed: int, epoch: int) -> tuple[int, int]:
   return int(shuffle), int(augment)
 
 
-def process_shard(drop_remainder: bool = False) -> Any:
+def process_shard(drop_remainder: bool = False) -> grain.sharding.ShardOptions:
   """This process's ``grain.sharding.ShardOptions``: shard ``jax.process_index()`` of
   ``jax.process_count()``; ``drop_remainder``: every shard equally many examples."""
-  import grain  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
   return grain.sharding.ShardOptions(jax.process_index(), jax.process_count(),
                                      drop_remainder=drop_remainder)
 
 
-def shard_size(num_examples: int, shard: Any) -> int:
+def shard_size(num_examples: int, shard: grain.sharding.ShardOptions) -> int:
   """Examples that shard ``shard`` (``ShardOptions``) reads of ``num_examples``: every
   shard ``num_examples // count`` with ``drop_remainder``, else the first
   ``num_examples % count`` shards one more."""
@@ -263,25 +237,29 @@ def shard_size(num_examples: int, shard: Any) -> int:
   return per_shard + (0 if shard.drop_remainder else int(shard.shard_index < rest))
 
 
-def num_batches(num_examples: int, batch_size: int, shard: Any,
+def num_batches(num_examples: int, batch_size: int, shard: grain.sharding.ShardOptions,
                 drop_remainder: bool) -> int:
   """Batches `batches` yields on shard ``shard`` for a split of ``num_examples``."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+      or batch_size <= 0):
     raise ValueError(f'batch_size must be a positive int, got {batch_size!r}.')
   n = shard_size(num_examples, shard)
   return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 
-def _train_example(record: dict[str, Any], rng: np.random.Generator) -> tuple[np.ndarray, np.int32]:
+def _train_example(record: dict[str, Any],
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.int32]:
+  """A train record's crop (`train_image`) and label."""
   return train_image(record['image'], rng), np.int32(record['label'])
 
 
 def _eval_example(record: dict[str, Any]) -> tuple[np.ndarray, np.int32]:
+  """An eval record's central crop (`eval_image`) and label."""
   return eval_image(record['image']), np.int32(record['label'])
 
 
 def epoch_dataset(source: Sequence[dict[str, Any]], *, train: bool, seed: int, epoch: int,
-                  shard: Any) -> Any:
+                  shard: grain.sharding.ShardOptions) -> grain.MapDataset:
   """One epoch of `source` on one shard as a ``grain.MapDataset`` of ``(image, label)``.
 
   Train: record ``k`` becomes ``train_image`` with a generator seeded by (the epoch's
@@ -291,7 +269,6 @@ def epoch_dataset(source: Sequence[dict[str, Any]], *, train: bool, seed: int, e
   permutation, ``eval_image``. Elements are decoded when read: uint8 ``(224, 224, 3)``
   and an int32 label.
   """
-  import grain  # pylint: disable=g-import-not-at-top
   shuffle_seed, augment_seed = epoch_seeds(seed, epoch)
   ds = grain.MapDataset.source(source)
   if train:
@@ -303,7 +280,8 @@ def epoch_dataset(source: Sequence[dict[str, Any]], *, train: bool, seed: int, e
 
 
 def batches(source: Sequence[dict[str, Any]], batch_size: int, *, train: bool, seed: int,
-            epoch: int, shard: Any = None, drop_remainder: bool | None = None,
+            epoch: int, shard: grain.sharding.ShardOptions | None = None,
+            drop_remainder: bool | None = None,
             options: InputOptions = InputOptions()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One epoch of `source` on this host in minibatches, decoded in parallel.
 
@@ -323,7 +301,6 @@ def batches(source: Sequence[dict[str, Any]], batch_size: int, *, train: bool, s
     `num_batches` of them. Evaluation over several hosts (no drop) leaves the hosts
     different numbers of examples and a short last batch: pad before a collective step.
   """
-  import grain  # pylint: disable=g-import-not-at-top
   shard = process_shard(drop_remainder=train) if shard is None else shard
   drop_remainder = train if drop_remainder is None else drop_remainder
   num_batches(len(source), batch_size, shard, drop_remainder)  # Validates batch_size.
