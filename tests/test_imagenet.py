@@ -286,6 +286,16 @@ def test_train_epochs_are_a_function_of_seed_and_epoch(fake):
   assert len(set(first[1])) == len(first[1]) == 20 and set(first[1]) <= set(range(21))
 
 
+def test_worker_processes_give_the_same_batches(fake):
+  """Decoding in a grain worker process changes nothing (it costs a process start)."""
+  source = imagenet.open_split('validation', fake[0])
+  here = _epoch(source, train=True, batch_size=2)
+  workers = _epoch(source, train=True, batch_size=2,
+                   options=imagenet.InputOptions(threads=2, processes=1, buffer=8))
+  np.testing.assert_array_equal(here[0], workers[0])
+  np.testing.assert_array_equal(here[1], workers[1])
+
+
 def test_two_hosts_partition_each_epoch(fake):
   source = Indexed(imagenet.open_split('train', fake[0]))
   n = len(source)  # 21: odd
