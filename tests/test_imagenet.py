@@ -200,6 +200,7 @@ def test_fake_imagenet_round_trips_through_the_reader(fake):
       record = source[i]
       m = want.pop(record['file_name'].decode())
       assert record['label'] == m.label
+      assert record['image'] == m.jpeg  # Stored byte for byte.
       assert np.asarray(imagenet.decode(record['image'])).shape == (m.height, m.width, 3)
     assert not want
   assert 'tensorflow' not in sys.modules  # Reading needs no TensorFlow.

@@ -27,12 +27,14 @@ _GREY_EVERY = 7
 
 
 class FakeImage(NamedTuple):
-  """One written example: its ``file_name``, ``label`` and decoded ``height x width``."""
+  """One written example: its ``file_name``, ``label``, decoded ``height x width`` and
+  the ``jpeg`` bytes stored."""
 
   file_name: str
   label: int
   height: int
   width: int
+  jpeg: bytes
 
 
 def fake_jpeg(rng: np.random.Generator, height: int, width: int, grey: bool = False,
@@ -73,17 +75,17 @@ def write_fake_imagenet(data_dir: str, sizes: dict[str, int] | None = None,
   unknown = set(sizes) - set(imagenet.SPLITS)
   if unknown:
     raise ValueError(f'unknown splits {sorted(unknown)}; imagenet2012 has {imagenet.SPLITS}')
-  made, jpegs = {}, {}
+  made = {}
   for s, (split, count) in enumerate(sorted(sizes.items())):
     rng = np.random.default_rng([seed, s])
-    made[split], jpegs[split] = [], []
+    made[split] = []
     for i in range(count):
       label = i % num_classes
       h, w = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
       name = (f'n{label:08d}_{i}.JPEG' if split == 'train'
               else f'ILSVRC2012_val_{i + 1:08d}.JPEG')
-      made[split].append(FakeImage(name, label, h, w))
-      jpegs[split].append(fake_jpeg(rng, h, w, grey=i % _GREY_EVERY == _GREY_EVERY - 1))
+      jpeg = fake_jpeg(rng, h, w, grey=i % _GREY_EVERY == _GREY_EVERY - 1)
+      made[split].append(FakeImage(name, label, h, w, jpeg))
 
   class FakeImagenet2012(real.Builder, skip_registration=True):
     """The real builder with generated examples instead of the ILSVRC tars."""
@@ -99,8 +101,8 @@ def write_fake_imagenet(data_dir: str, sizes: dict[str, int] | None = None,
       return {split: self._generate(split) for split in made}
 
     def _generate(self, split):
-      for image, data in zip(made[split], jpegs[split]):
-        yield image.file_name, {'image': io.BytesIO(data), 'label': image.label,
+      for image in made[split]:
+        yield image.file_name, {'image': io.BytesIO(image.jpeg), 'label': image.label,
                                 'file_name': image.file_name}
 
   builder = FakeImagenet2012(data_dir=data_dir, file_format='array_record')
