@@ -1,7 +1,10 @@
 """Analytic parameter and MAC counts: the layers every family's counts are made of.
 
 MACs are the multiply-accumulates of convolutions and dense layers, which is how the
-paper and ArcFace count "FLOPs". Parameters are trainable weights (conv kernels,
+paper and ArcFace count "FLOPs"; BatchNorm, activations, pooling and residual additions
+cost none. (So ImageNet ResNet-18 at 224x224 has 1,814,073,344 MACs, torchvision's
+"1.81 GFLOPS"; counters that also charge those per-element operations, such as
+ptflops, print 1.82 GMac.) Parameters are trainable weights (conv kernels,
 BatchNorm scale and bias, PReLU slopes, dense weights and bias). Both come from the
 operator recipes in :mod:`nar_jax.ops`, the same definitions the modules are built from.
 

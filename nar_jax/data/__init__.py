@@ -5,6 +5,9 @@
 the device inside jitted steps. Face data (insightface's ``train.rec`` and
 verification ``.bin`` files) is decoded lazily: `load_face_splits` returns
 splits of `LazyImages` (see `faces`, `insightface`, `synthetic_faces`).
+ImageNet (TFDS ``imagenet2012``, read without TensorFlow) is streamed, not
+loaded: `imagenet.batches` decodes and crops each epoch in a grain pipeline
+(see `imagenet`, `fake_imagenet`).
 """
 
 from nar_jax.data.augment import augment

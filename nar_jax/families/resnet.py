@@ -22,15 +22,19 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
                        embedding_size: int | None = None) -> ops.Counts:
   """Parameters and MACs of the fixed ResNet ``arch`` of ``space`` on ``image_hw`` inputs.
 
-  Stem conv3x3 + BN; per block the shortcut projection (1x1 conv + BN, where the
+  The space's stem (:attr:`nar_jax.space.SearchSpace.stem`: conv + BN, and ImageNet's
+  max pool); per block the shortcut projection (1x1 conv + BN, where the
   stride or the channels change) and the nodes' operators (two layers per node at
   block granularity); then the dense head (``num_classes`` outputs, 0 leaves it out)
   or, with ``embedding_size``, the face head (:func:`nar_jax.counting.count_face_head`).
   """
   arch = space.validate(arch)
-  hw = tuple(image_hw)
-  total = (ops.count_conv(ops.ConvLayer(3, in_channels, space.stem_channels), hw)
+  stem = space.stem_layers
+  conv_hw = tuple(ops.same_padding(s, stem.kernel, stem.stride)[1] for s in image_hw)
+  total = (ops.count_conv(ops.ConvLayer(stem.kernel, in_channels, space.stem_channels,
+                                        stem.stride), conv_hw)
            + ops.count_bn(space.stem_channels))
+  hw = stem.out_hw(image_hw)  # the stem's max pool (if any) costs no MACs
   channels = space.stem_channels
   node_iter = iter(zip(space.nodes, arch))
   block = space.granularity == 'block'

@@ -27,7 +27,11 @@ from nar_jax.models.heads import head_output
 from nar_jax.space import SearchSpace
 
 class ResNet(nn.Module):
-  """Basic-block ResNet (3x3 stem, no max-pool) whose 3x3 layers are search-space nodes.
+  """Basic-block ResNet whose 3x3 layers are search-space nodes.
+
+  The stem is the space's (:attr:`SearchSpace.stem`): CIFAR's 3x3 conv, or ImageNet's 7x7
+  conv at stride 2 and 3x3 max pool at stride 2; either way its variables are
+  ``stem_conv`` and ``stem_bn``.
 
   Attributes:
     space: the search space (skeleton and nodes).
@@ -72,8 +76,12 @@ class ResNet(nn.Module):
     nodes.check_call(self.arch, op_indices)
     arch = None if self.arch is None else self.space.validate(self.arch)
     bn = lambda name: ops.batch_norm(train, self.bn_axis_name, self.dtype, name=name)
-    x = ops.Conv(self.space.stem_channels, 3, dtype=self.dtype, name='stem_conv')(images)
+    stem = self.space.stem_layers
+    x = ops.Conv(self.space.stem_channels, stem.kernel, stem.stride, dtype=self.dtype,
+                 name='stem_conv')(images)
     x = nn.relu(bn('stem_bn')(x))
+    if stem.pool_window:
+      x = ops.pool(x, 'max', stem.pool_window, stem.pool_stride)
 
     block = self.space.granularity == 'block'
     node_index = 0
