@@ -43,7 +43,6 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from nar_jax import config as config_lib  # noqa: E402
 from nar_jax import families, files, pipeline, train  # noqa: E402
 from nar_jax import workdir as workdir_lib  # noqa: E402
 from nar_jax.data import DatasetNotPreparedError  # noqa: E402

@@ -16,13 +16,12 @@ import pytest
 
 from nar_jax import config as config_lib
 from nar_jax import joint, margins, space, tasks
-from nar_jax.models import macro, resnet
+from nar_jax.models import macro, nodes
 from nar_jax.models.face_head import FaceHead
 from nar_jax.models.macro import MacroNet
 from nar_jax.models.resnet import ResNet
 
 from model_testing import random_variables
-from nar_jax.models import nodes
 import model_testing
 
 NUM_CLASSES = 5

@@ -18,10 +18,9 @@ import optax
 import pytest
 
 from nar_jax import controller, joint, ops, reinforce
-from nar_jax.models import macro, resnet
+from nar_jax.models import macro, nodes
 
 from model_testing import random_variables, leaf_paths, assert_gradients_follow_mask
-from nar_jax.models import nodes
 
 K = len(ops.OP_NAMES)
 NUM_CLASSES = 5

@@ -14,12 +14,11 @@ One module class serves both. A node's variables live under ``node{i:02d}/<op na
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nar_jax import margins, ops
 from nar_jax.models import face_head, nodes
