@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from nar_jax import families, ops
-from nar_jax.config import base_config
+from nar_jax.config import load_config_file
 from nar_jax.models import nodes
 from nar_jax.space import Node, NodeSpace, candidates_for, scaled
 
@@ -122,36 +122,17 @@ FAMILY = families.register(families.operator_family(
 
 def get_config(arg=None):
   """TinyVGG (width 0.5: 8-16-16-32-32 channels) refined on mnist5k with the quickstart's
-  recipe (a search near the base network, MACs at most 70% of it)."""
+  recipe (``configs/quickstart.py``: a search near the base network, MACs at most 70% of
+  it), one pretraining epoch, six search epochs and four retraining epochs."""
   if arg not in (None, '', 'smoke'):
     raise ValueError(f"unknown variant {arg!r}; use 'smoke' or none")
-  c = base_config()
+  c = load_config_file('configs/quickstart.py')
   c.model.base = BASE
   c.model.family_module = os.path.abspath(__file__)
   c.model.width = 0.5
-  c.dataset.name = 'mnist5k'
-  c.dataset.crop_padding = 2
-  c.dataset.flip = False
-  c.child.batch_size = 64
   c.pretrain.epochs = 1
   c.search.epochs = 6
-  c.search.controller.updates_per_epoch = 10
-  c.search.controller.num_aggregate = 10
-  c.search.controller.valid_batch_size = 100
-  c.search.controller.kind = 'node_aware'
-  c.search.controller.lr = 0.02
-  c.search.controller.baseline_decay = 0.9
-  c.search.controller.original_prob = 0.5
-  c.search.cost.target_macs = 0.7
-  c.search.cost.weight = -1.0
-  c.search.cost.weight_below = 0.0
-  c.derive.num_samples = 10
-  c.retrain.epochs = 4
-  c.retrain.batch_size = 64
-  c.retrain.optimizer.lr_max = 0.05
-  c.retrain.optimizer.t0_epochs = 4
-  c.eval_batch_size = 500
-  c.log_every_steps = 20
+  c.retrain.epochs = c.retrain.optimizer.t0_epochs = 4
   if arg == 'smoke':
     c.model.width = 0.25
     c.child.batch_size = c.retrain.batch_size = 128
@@ -160,6 +141,5 @@ def get_config(arg=None):
     c.search.controller.updates_per_epoch = 2
     c.search.controller.num_aggregate = 2
     c.derive.num_samples = 2
-    c.retrain.epochs = 1
-    c.retrain.optimizer.t0_epochs = 1
+    c.retrain.epochs = c.retrain.optimizer.t0_epochs = 1
   return c
