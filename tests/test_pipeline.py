@@ -215,6 +215,42 @@ def test_rerun_of_a_finished_workdir_trains_nothing(finished, monkeypatch, capsy
   assert read_metrics(finished.workdir) == finished.metrics  # nothing new was logged
 
 
+def test_retraining_trains_on_train_and_valid_once_per_epoch(tmp_path, monkeypatch):
+  """Retraining (the paper: on train + valid) feeds its train steps every train and every
+  valid example once per epoch, and no test example. The steps are recorded, not run."""
+  monkeypatch.setattr(pipeline, 'build_space', tiny_space)
+  exp = pipeline.setup(tiny_config(**{'retrain.epochs': 2}), str(tmp_path))
+  seen = []
+
+  def recording_step(*args, **kwargs):
+    del args, kwargs
+
+    def step(state, images, labels, key, sampler_params):
+      del key, sampler_params
+      seen.append((np.asarray(images), np.asarray(labels)))
+      zero = np.float32(0)
+      return state, {'loss': zero, 'accuracy': zero}
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', recording_step)
+  result = pipeline.run_retrain(exp, 'refined', exp.space.baseline())
+  splits = exp.splits
+  rows = lambda images: {bytes(x) for x in images.reshape(len(images), -1)}
+  train_and_valid = len(splits.train) + len(splits.valid)
+  per_epoch = data.num_batches(data.merge(splits.train, splits.valid), 64)
+  assert per_epoch == train_and_valid // 64 > data.num_batches(splits.train, 64)
+  assert len(seen) == 2 * per_epoch
+  for epoch in range(2):
+    images = np.concatenate([b[0] for b in seen[epoch * per_epoch:(epoch + 1) * per_epoch]])
+    labels = np.concatenate([b[1] for b in seen[epoch * per_epoch:(epoch + 1) * per_epoch]])
+    assert len(rows(images)) == len(images) == train_and_valid  # each example once
+    assert rows(images) == rows(splits.train.images) | rows(splits.valid.images)
+    np.testing.assert_array_equal(np.sort(labels), np.sort(np.concatenate(
+        [splits.train.labels, splits.valid.labels])))
+    assert not rows(images) & rows(splits.test.images)
+  assert result['test_acc'] is not None
+
+
 # ---------------------------------------------------------------------------------------
 # Resume.
 # ---------------------------------------------------------------------------------------
