@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from nar_jax import pipeline, train
+from nar_jax import data, pipeline, train
+from nar_jax.phases import loop, supernet
+from nar_jax.progress import Progress
 from nar_jax.config import base_config
 
 _SETTINGS = flags.DEFINE_list('settings', ['default'], 'comma-separated settings')
@@ -53,10 +55,10 @@ def apply_setting(c, setting):
   return c
 
 
-def sampler_fn(name, exp):
-  mask = jnp.asarray(exp.space.candidate_mask())
-  base = jnp.asarray(exp.space.baseline())
-  uniform = exp.policy().uniform
+def sampler_fn(name, nets):
+  mask = jnp.asarray(nets.space.candidate_mask())
+  base = jnp.asarray(nets.space.baseline())
+  uniform = nets.policy().uniform
   if name == 'baseline':
     return lambda key: base
   if name == 'uniform':
@@ -82,36 +84,34 @@ def run_setting(setting):
   c = apply_setting(load(_CONFIG.value), setting)
   c.pretrain.epochs = _EPOCHS.value
   with tempfile.TemporaryDirectory() as workdir:
-    exp = pipeline.setup(c, workdir)
-    exp.log.verbose = False
+    ctx, nets = pipeline.setup(c, workdir)
+    ctx.log.verbose = False
     # sampler: 'name' for every epoch, or 'name*E>name*E' epoch counts in order.
     plan = []
     for part in sampler.split('>'):
       name, _, count = part.partition('*')
       plan += [name] * int(count or _EPOCHS.value)
-    tx = pipeline._child_optimizer(exp)
-    c.pretrain.epochs = 0
-    state = pipeline.run_pretrain(exp)   # the initial state only
-    steps = {name: pipeline._child_step(exp, tx, lambda key, _, f=sampler_fn(name, exp): f(key))
+    tx = supernet.child_optimizer(ctx, nets)
+    state = supernet.initial_state(ctx, nets, tx)
+    steps = {name: supernet.child_step(ctx, nets, tx,
+                                       lambda key, _, f=sampler_fn(name, nets): f(key))
              for name in set(plan)}
     batch = c.child.batch_size
-    per_epoch = pipeline.data.num_batches(exp.splits.train, batch)
-    progress = pipeline.Progress(exp.log, 'pretrain', len(plan) * per_epoch)
+    per_epoch = data.num_batches(nets.splits.train, batch)
+    progress = Progress(ctx.log, 'pretrain', len(plan) * per_epoch)
     tick = time.time()
     epochs = []
     for epoch, name in enumerate(plan):
-      state, stats = pipeline.train_epoch(exp, steps[name], state, exp.splits.train, batch, epoch,
-                                          exp.key('pretrain'), None, progress)
+      state, stats = loop.context_epoch(ctx, steps[name], state, nets.splits.train, batch,
+                                        epoch, ctx.key('pretrain'), None, progress)
       epochs.append({'train_loss': stats['loss'], 'train_acc': stats['accuracy']})
     seconds = time.time() - tick
-  eval_fn = pipeline.supernet_eval_step(exp)
+  eval_fn = supernet.eval_step(ctx, nets)
   rng = np.random.default_rng(0)
-  mask = exp.space.candidate_mask()
+  mask = nets.space.candidate_mask()
   archs = [tuple(int(rng.choice(np.flatnonzero(m))) for m in mask) for _ in range(_ARCHS.value)]
-  scores = [pipeline.evaluate(exp, eval_fn, state.variables, exp.splits.valid,
-                              jnp.asarray(a))['accuracy'] for a in archs]
-  base = pipeline.evaluate(exp, eval_fn, state.variables, exp.splits.valid,
-                           jnp.asarray(exp.space.baseline()))['accuracy']
+  scores = [supernet.valid_accuracy(ctx, nets, eval_fn, state.variables, a) for a in archs]
+  base = supernet.valid_accuracy(ctx, nets, eval_fn, state.variables, nets.space.baseline())
   return {'setting': setting, 'sampler': sampler, 'seconds': round(seconds, 1),
           'train_loss': [round(r['train_loss'], 3) for r in epochs],
           'train_acc': [round(r['train_acc'], 3) for r in epochs],

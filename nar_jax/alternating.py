@@ -34,7 +34,8 @@ or after ``max_rounds`` rounds (one round = an operator phase then a skip phase)
 
 The loop (:func:`alternate`) is independent of how phases train and score, so a
 test can drive it with a planted reward through real controller updates;
-:func:`nar_jax.pipeline.run_alternating` runs it with the supernet.
+:func:`nar_jax.phases.alternating.run` takes the same steps (:func:`phase_of`,
+:func:`select`, :func:`stop_reason`) with the supernet, one checkpointed unit per phase.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ choice; fixed networks have none), the settings, and:
   a machine shared with other jobs inflates far less than wall time;
 * ``controller_update_s``: one controller update (sample ``num_aggregate``
   architectures, reward each on a validation minibatch, policy-gradient step);
-* ``search_loop_overhead``: the pipeline's training loop (``pipeline.train_epoch``:
+* ``search_loop_overhead``: the pipeline's training loop (``phases.loop.train_epoch``:
   host batching, sharding, metrics) replaying the timed supernet steps (the same
   start state and key, so the same architectures) / the sum of those bare steps;
   ``loop`` says which loop: ``scan`` (``config.scan_epoch``, the epoch as one
@@ -59,15 +59,16 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
 
 from nar_jax import config as config_lib
-from nar_jax import controller, data, margins, ops, pipeline, policy, train
-from nar_jax.models.iresnet import IResNet
-from nar_jax.models.resnet import ResNet, select_branches
+from nar_jax import controller, data, families, ops, policy, train
+from nar_jax.models.heads import Head
+from nar_jax.models.nodes import select_branches
+from nar_jax.phases import loop as epoch_loop
+from nar_jax.progress import Log, Progress
 from nar_jax.space import SearchSpace, ir_space, resnet_space
 
 _CASES = flags.DEFINE_list('cases', None,
@@ -105,7 +106,9 @@ class Case:
 
   name: str
   choice: str                                   # the supernet's operator choice
-  face: bool
+  family: families.Family
+  head: Head
+  scannable: bool                               # the pipeline may scan its epochs
   space: SearchSpace
   num_classes: int
   image: int                                    # default height and width
@@ -125,9 +128,11 @@ def parse_case(case: str, platform: str = 'cpu') -> Case:
   width = int(match.group(3) or 64) / 64
   choice = match.group(4) or ops.default_choice(platform)
   if match.group(2) is None:
-    return Case(case, choice, False, resnet_space('resnet18', 'conv', width), 10, 32,
+    return Case(case, choice, families.resnet.FAMILY, Head('softmax'), True,
+                resnet_space('resnet18', 'conv', width), 10, 32,
                 dict(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=4, flip=True))
-  return Case(case, choice, True, ir_space(int(match.group(2)), width), FACE_CLASSES, 112,
+  return Case(case, choice, families.ir.FAMILY, Head('face'), False,
+              ir_space(int(match.group(2)), width), FACE_CLASSES, 112,
               dict(mean=(127.5 / 255,) * 3, std=(128 / 255,) * 3, crop_padding=0, flip=True))
 
 
@@ -144,7 +149,7 @@ def default_loop(case: Case, platform: str) -> str:
   ~20 s on 2 cores, and the step loop's overhead is ~1.0 already), and for faces,
   whose lazily decoded data the pipeline never scans.
   """
-  return 'scan' if platform != 'cpu' and not case.face else 'step'
+  return 'scan' if platform != 'cpu' and case.scannable else 'step'
 
 
 @contextlib.contextmanager
@@ -208,11 +213,8 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
     jax.block_until_ready(out)
 
   def network(arch=None):
-    if c.face:
-      return IResNet(space, c.num_classes, arch=arch, margin=margins.Margin.arcface(),
-                     dtype=compute_dtype, bn_axis_name=train.DATA_AXIS, choice=c.choice)
-    return ResNet(space, c.num_classes, arch=arch, dtype=compute_dtype,
-                  bn_axis_name=train.DATA_AXIS, choice=c.choice)
+    return c.family.network(space, arch, families.NetworkArgs(
+        c.num_classes, c.head, compute_dtype, c.choice, train.DATA_AXIS))
 
   supernet = network()
   state0 = train.replicate(mesh, train.create_train_state(
@@ -286,19 +288,16 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   _timed(controller_run, 1)
   controller_update_s = statistics.median(_timed(controller_run, max(2, steps // 2), lock)[0])
 
-  # The pipeline's own training loop (``pipeline.train_epoch``: host batching, sharding,
-  # metrics) replays the timed supernet steps: the same start state and key, so the same
-  # architectures. A scan epoch compiles on its first call, which is not timed.
+  # The pipeline's own training loop (``phases.loop.train_epoch``: host batching,
+  # sharding, metrics) replays the timed supernet steps: the same start state and key, so
+  # the same architectures. A scan epoch compiles on its first call, which is not timed.
   split = data.Split(np.concatenate([images] * steps), np.concatenate([labels] * steps))
-  cfg = ml_collections.ConfigDict({'log_every_steps': steps, 'seed': 0,
-                                   'scan_epoch': loop == 'scan'})
-  log = pipeline.Log(workdir='', verbose=False)
-  exp = pipeline.Experiment(cfg, '', None, space, mesh, log, key)
-  progress = pipeline.Progress(log, 'bench', steps * 2)
+  progress = Progress(Log(workdir='', verbose=False), 'bench', steps * 2)
 
   def loop_run():
-    holder['state'], _ = pipeline.train_epoch(exp, supernet_step, start, split, batch, 0, key,
-                                              sampler, progress)
+    holder['state'], _ = epoch_loop.train_epoch(
+        supernet_step, start, split, batch, 0, key, sampler, progress, mesh=mesh, seed=0,
+        log_every_steps=steps, scan=loop == 'scan')
     block(holder['state'])
   if loop == 'scan':
     _timed(loop_run, 1)

@@ -12,6 +12,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from nar_jax.workdir import WorkdirError
+
 
 class PhaseCheckpoints:
   """Checkpoints of one phase under ``<workdir>/checkpoints/<phase>``.
@@ -29,10 +31,28 @@ class PhaseCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Saves ``state`` and ``meta`` as ``step`` and waits until it is on disk."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-    self._manager.wait_until_finished()
+    """Saves ``state`` and ``meta`` as ``step`` and waits until it is on disk.
+
+    Orbax writes a step into a temporary directory and renames it when complete; older
+    steps beyond ``max_to_keep`` are removed only after that. So a save that fails (no
+    space left, permission denied) leaves the previous checkpoint as it was, and runs
+    resume from it.
+
+    Raises:
+      WorkdirError: the save failed; names the directory, the error and the step kept.
+    """
+    kept = self.latest_step()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      self._manager.wait_until_finished()
+    except (OSError, ValueError) as error:  # tensorstore reports I/O errors as ValueError
+      previous = ('there was no earlier checkpoint' if kept is None else
+                  f'the previous checkpoint (step {kept}) is kept')
+      raise WorkdirError(
+          f'checkpoint step {step} could not be written to {self.directory}: {error}; '
+          f'{previous}: free space or fix permissions and run the same command again to '
+          f'resume') from error
 
   def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
     """Restores ``(state, meta)`` of ``step``; ``like`` gives the pytree structure and shardings."""

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from nar_jax import ops
+from nar_jax import families, ops, tasks
+from nar_jax.models import heads
 
 SEARCH_METHODS = ('controller', 'alternating', 'random')
 DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces')
-FACE_DATASETS = ('faces', 'synthetic_faces')
 CONTROLLER_KINDS = ('enas', 'node_aware')
 """``search.controller.kind``: the keys of :data:`nar_jax.controller.VARIANTS`."""
 
@@ -123,6 +123,10 @@ def base_config() -> ml_collections.ConfigDict:
       # IR bases always have the face head.
       head='softmax',
       embedding_size=512,        # features of the face embedding (face head, IR bases)
+      # A network of your own: the Python file (or module name) whose import registers
+      # the family of model.base (nar_jax.families.register; README, "Refining your own
+      # network"). Stored in config.json, so later commands find the family again.
+      family_module='',
   ))
 
   # Face networks (IR bases, model.head='face'): the margin of the target logit,
@@ -198,6 +202,10 @@ def base_config() -> ml_collections.ConfigDict:
   # epoch's batches put on the devices at once: no host round trip between steps, but
   # progress is logged once per epoch and the epoch's images must fit in device memory.
   c.scan_epoch = False
+  # A deliberate continuation of a workdir under changed fields: comma-separated field
+  # names or sections (e.g. 'retrain.epochs') that may differ from <workdir>/config.json;
+  # the phases that use them are recomputed (nar_jax.workdir, README "Reliability").
+  c.allow_changes = ''
   return c
 
 
@@ -250,38 +258,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.dataset.name not in DATASETS:
     raise ValueError(f'config.dataset.name must be one of {", ".join(DATASETS)}, '
                      f'got {config.dataset.name!r}')
-  faces = config.dataset.name in FACE_DATASETS
-  if is_face_model(config) and not faces:
-    raise ValueError(f'config.model.base={config.model.base!r} does not fit '
-                     f'config.dataset.name={config.dataset.name!r}: IR bases (ir18, ir34, ir50, '
-                     'ir100) need a face dataset')
-  if config.model.head not in ('softmax', 'face'):
+  if config.model.head not in heads.HEADS:
     raise ValueError(f"config.model.head must be 'softmax' or 'face', got {config.model.head!r}")
-  if config.model.head == 'face' and not faces:
-    raise ValueError(f"config.model.head='face' trains face networks: it needs a face dataset "
-                     f'({", ".join(FACE_DATASETS)}), got {config.dataset.name!r}')
   if config.model.embedding_size <= 0:
     raise ValueError(f'config.model.embedding_size must be positive, '
                      f'got {config.model.embedding_size}')
-  # A face dataset with a softmax base (ResNet, ENAS macro) and model.head='softmax' is
-  # plain classification of the proxy task's identities
-  # (pipeline.face_classification_splits), no verification.
-  if faces and config.scan_epoch:
-    raise ValueError('config.scan_epoch puts a whole epoch of images on the devices; face '
-                     'datasets are decoded batch by batch: use config.scan_epoch=False')
-  if config.dataset.name == 'faces' and not config.dataset.data_dir:
-    raise ValueError("config.dataset.data_dir must name the insightface directory (train.rec, "
-                     "train.idx, property, *.bin) for dataset 'faces'")
   if config.search.reward not in ('accuracy', 'verification'):
     raise ValueError(f"config.search.reward must be 'accuracy' or 'verification', "
                      f'got {config.search.reward!r}')
-  if config.search.reward == 'verification':
-    if not faces or not is_face_model(config) or not config.search.reward_pairs:
-      raise ValueError("config.search.reward='verification' needs a face dataset, an IR base "
-                       'and config.search.reward_pairs naming a held-out .bin pair set')
-    if config.search.controller.valid_batch_size % 2:
-      raise ValueError('config.search.controller.valid_batch_size must be even (image pairs) '
-                       "with config.search.reward='verification'")
   if config.retrain.data not in ('full', 'proxy'):
     raise ValueError(f"config.retrain.data must be 'full' or 'proxy', got {config.retrain.data!r}")
   if config.model.dtype not in ('float32', 'bfloat16'):
@@ -289,7 +273,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.choice not in ('',) + ops.CHOICES:
     raise ValueError(f"config.model.choice must be '' (the platform's default) or one of "
                      f"{', '.join(ops.CHOICES)}, got {config.model.choice!r}")
-  for op in restricted_ops(config):
+  for op in families.restricted_ops(config) or ():
     ops.check_op_name(op)
   c = config.search.controller
   if c.kind not in CONTROLLER_KINDS:
@@ -310,19 +294,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.search.controller.original_prob < 1.0:
     raise ValueError(f'config.search.controller.original_prob must be in [0, 1), '
                      f'got {config.search.controller.original_prob}')
-  if config.search.controller.original_prob > 0 and is_joint_model(config):
-    raise ValueError('config.search.controller.original_prob applies to operator searches; '
-                     "the joint space ('enas_macro') starts uniform: set it to 0")
-  if is_joint_model(config):
-    for name in ('model.num_layers', 'model.channels'):
-      if field(config, name) <= 0:
-        raise ValueError(f'config.{name} must be positive, got {field(config, name)}')
-    if config.model.retrain_channels < 0:
-      raise ValueError(f'config.model.retrain_channels must be >= 0 (0: model.channels), '
-                       f'got {config.model.retrain_channels}')
-  elif config.search.method == 'alternating':
-    raise ValueError("config.search.method='alternating' searches skips too: it needs "
-                     "config.model.base='enas_macro'")
+  family = families.family_for(config)
+  family.check_config(config)
+  if config.search.method not in family.searches:
+    able = families.bases_searching_with(config.search.method)
+    needs = f'config.model.base={able[0]!r}' if len(able) == 1 else f'a base among {able}'
+    raise ValueError(f'config.search.method={config.search.method!r} does not apply to '
+                     f'config.model.base={config.model.base!r} (its family searches with '
+                     f'{", ".join(family.searches)}): it needs {needs}')
+  tasks.task_for(config, family).check_config(config, family)
   if config.search.method == 'alternating' and config.search.cost.target_macs:
     raise ValueError('config.search.cost applies to controller and random searches; the '
                      'alternating search ranks by accuracy: set config.search.cost.target_macs=0')
@@ -335,30 +315,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.alternating.tolerance must be >= 0, got {a.tolerance}')
 
 
-def is_face_model(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config.model.base`` is an LResNet-E-IR (``'ir<depth>'``)."""
-  return config.model.base.startswith('ir')
-
-
-def is_face_network(config: ml_collections.ConfigDict) -> bool:
-  """Whether the networks are face networks (margin head on the identities, embedding
-  verified on ``dataset.verification``): IR bases, or ``model.head='face'``."""
-  return is_face_model(config) or config.model.head == 'face'
-
-
-def is_joint_model(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config.model.base`` is ENAS's macro space (operators and skips searched)."""
-  return config.model.base == 'enas_macro'
-
-
 def verification_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The ``.bin`` names of ``config.dataset.verification``."""
   return tuple(n.strip() for n in config.dataset.verification.split(',') if n.strip())
-
-
-def restricted_ops(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The op names of ``config.model.ops`` (empty: no restriction)."""
-  return tuple(op.strip() for op in config.model.ops.split(',') if op.strip())
 
 
 # ---------------------------------------------------------------------------------------

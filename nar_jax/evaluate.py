@@ -10,7 +10,7 @@ architecture (``arch.json``), and measures for each
 * its validation accuracy with the search's final shared weights (the whole
   validation split, as derive scores candidates), and
 * its accuracy after retraining from scratch with the run's retrain recipe
-  (:func:`nar_jax.pipeline.run_retrain`; test accuracy, or for face networks the
+  (:func:`nar_jax.phases.retrain.run`; test accuracy, or for face networks the
   verification accuracy on the config's first pair set).
 
 From them it reports Kendall's tau between the two (does the shared-weight score
@@ -28,13 +28,11 @@ interrupted evaluation; on a finished one it measures nothing and rewrites the r
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import ml_collections
 import numpy as np
@@ -45,12 +43,12 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from nar_jax import controller  # noqa: E402
-from nar_jax import config as config_lib  # noqa: E402
-from nar_jax import pipeline, report, train  # noqa: E402
-from nar_jax.checkpoint import PhaseCheckpoints  # noqa: E402
+from nar_jax import families, files, pipeline, train  # noqa: E402
+from nar_jax import workdir as workdir_lib  # noqa: E402
 from nar_jax.data import DatasetNotPreparedError  # noqa: E402
-from nar_jax.joint import JointSpace  # noqa: E402
+from nar_jax.phases import loop, retrain, supernet  # noqa: E402
+from nar_jax.phases.context import Context, Networks  # noqa: E402
+from nar_jax.progress import Progress  # noqa: E402
 
 EVALUATION_DIR = 'evaluation'
 
@@ -76,28 +74,11 @@ def load_run_config(workdir: str,
                        f'not a run); pass --config=<the run\'s config file> with the overrides '
                        f'it ran with')
     return config
-  with open(path) as f:
-    stored = json.load(f)
-  defaults = config_lib.base_config()
-  # A pipeline config (every field in the schema) gets the fields added since the run.
-  stored = (_with_defaults(defaults, stored) if set(stored) <= set(defaults)
-            else ml_collections.ConfigDict(stored))
+  stored = workdir_lib.read_config(workdir)  # with the fields the schema gained since
   if config is not None and config.to_dict() != stored.to_dict():
     raise ValueError(f'--config differs from the run\'s {path}; leave --config out to use the '
                      f'run\'s own config')
   return stored
-
-
-def _with_defaults(defaults: ml_collections.ConfigDict,
-                   stored: dict[str, Any]) -> ml_collections.ConfigDict:
-  """``stored`` (a run's ``config.json``) over the current schema's ``defaults``: a field
-  the schema gained after the run takes its default, which is what the run used."""
-  for name, value in stored.items():
-    if isinstance(value, dict) and isinstance(defaults.get(name), ml_collections.ConfigDict):
-      _with_defaults(defaults[name], value)
-    else:
-      defaults[name] = value
-  return defaults
 
 
 def _check_finished(workdir: str) -> None:
@@ -110,29 +91,25 @@ def _check_finished(workdir: str) -> None:
                      f'weights to evaluate')
 
 
-def _search_phase(exp: pipeline.Experiment) -> str:
+def _search_phase(ctx: Context) -> str:
   """The phase whose checkpoint holds the search's final shared weights."""
-  return 'alternating' if exp.config.search.method == 'alternating' else 'search'
+  return 'alternating' if ctx.config.search.method == 'alternating' else 'search'
 
 
-def restore_shared_weights(exp: pipeline.Experiment) -> Any:
+def restore_shared_weights(ctx: Context, nets: Networks) -> Any:
   """The supernet variables of the search's last checkpoint (``checkpoints/search``, or
   ``checkpoints/alternating``), restored into the structure the search saved."""
-  phase = _search_phase(exp)
-  directory = os.path.join(exp.workdir, 'checkpoints', phase)
+  phase = _search_phase(ctx)
+  directory = os.path.join(ctx.workdir, 'checkpoints', phase)
   if not os.path.isdir(directory):
     raise ValueError(f'{directory} does not exist: the run kept no search checkpoint')
-  c = exp.config.search.controller
-  child = train.replicate(exp.mesh, train.create_train_state(
-      exp.key('init'), exp.model(), exp.splits.image_shape, pipeline._child_optimizer(exp),
-      jnp.asarray(exp.space.baseline())))
-  policy = exp.policy('operators') if phase == 'alternating' else exp.policy()
-  ctrl = train.controller_state(policy.init(exp.key('controller')),
+  c = ctx.config.search.controller
+  child = supernet.initial_state(ctx, nets, supernet.child_optimizer(ctx, nets))
+  policy = nets.policy('operators') if phase == 'alternating' else nets.policy()
+  ctrl = train.controller_state(policy.init(ctx.key('controller')),
                                 train.controller_optimizer(c))
-  like = {'child': child, 'controller': train.replicate(exp.mesh, ctrl)}
-  ckpt = PhaseCheckpoints(exp.workdir, phase)
-  state, _ = pipeline._resume(ckpt, like, exp, phase)
-  ckpt.close()
+  like = {'child': child, 'controller': train.replicate(ctx.mesh, ctrl)}
+  state, _ = loop.restore_latest(ctx, phase, like)
   return state['child'].variables
 
 
@@ -141,16 +118,7 @@ def restore_shared_weights(exp: pipeline.Experiment) -> Any:
 # ---------------------------------------------------------------------------------------
 
 
-def space_size(space) -> int:
-  """How many architectures ``space`` has: the product of each node's candidate count
-  (times ``2 ** (L (L - 1) / 2)`` skip patterns for a joint space)."""
-  size = math.prod(int(n) for n in space.candidate_mask().sum(axis=1))
-  if isinstance(space, JointSpace):
-    size *= 2 ** len(space.skip_positions())
-  return size
-
-
-def random_architectures(exp: pipeline.Experiment, num_random: int,
+def random_architectures(ctx: Context, nets: Networks, num_random: int,
                          exclude: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
   """``num_random`` distinct architectures, each node's op uniform over its candidates
   (joint: the policy's ``uniform``, each skip bit a fair coin), none in ``exclude``.
@@ -159,20 +127,18 @@ def random_architectures(exp: pipeline.Experiment, num_random: int,
   draws are skipped. So the list is a function of the run's seed, and the first ``k``
   architectures for ``num_random = K`` are those for ``num_random = k``.
   """
-  available = space_size(exp.space) - len(set(exclude))
+  available = nets.family.space_size(nets.space) - len(set(exclude))
   if num_random > available:
     raise ValueError(f'--num_random={num_random} exceeds the {available} architectures of the '
-                     f'space {exp.space.name} besides the baseline and the refined one')
+                     f'space {nets.space.name} besides the baseline and the refined one')
   # Uniform over the space even when the search started near the base network
   # (search.controller.original_prob): the control is the space, not the search's prior.
-  mask = jnp.asarray(exp.mask)
-  uniform = jax.jit(exp.policy().uniform if exp.joint
-                    else lambda key: controller.uniform_sample(key, mask))
-  key = exp.key('evaluate_random')
+  uniform = jax.jit(nets.family.sample_uniform(nets.space))
+  key = ctx.key('evaluate_random')
   seen, found = set(exclude), []
   draw = 0
   while len(found) < num_random:
-    arch = exp.space.validate(np.asarray(jax.device_get(uniform(jax.random.fold_in(key, draw)))))
+    arch = nets.space.validate(np.asarray(jax.device_get(uniform(jax.random.fold_in(key, draw)))))
     draw += 1
     if arch not in seen:
       seen.add(arch)
@@ -194,73 +160,51 @@ def _arch_key(arch: tuple[int, ...]) -> str:
   return ','.join(str(a) for a in arch)
 
 
-def shared_scores(exp: pipeline.Experiment, archs: list[tuple[int, ...]]) -> list[float]:
+def shared_scores(ctx: Context, nets: Networks, archs: list[tuple[int, ...]]) -> list[float]:
   """Validation accuracy of each of ``archs`` with the search's final shared weights
-  (:func:`pipeline.supernet_eval_step` over the whole validation split).
+  (:func:`nar_jax.phases.supernet.valid_accuracy`).
 
   Cached by architecture in ``evaluation/shared_scores.json``; the weights are
   restored and the eval step built only when an architecture is not cached.
   """
-  path = os.path.join(exp.workdir, EVALUATION_DIR, 'shared_scores.json')
+  path = os.path.join(ctx.workdir, EVALUATION_DIR, 'shared_scores.json')
   cached = _read_json(path) if os.path.exists(path) else {}
   missing = [a for a in archs if _arch_key(a) not in cached]
   if missing:
-    variables = restore_shared_weights(exp)
-    eval_fn = pipeline.supernet_eval_step(exp)
+    variables = restore_shared_weights(ctx, nets)
+    eval_fn = supernet.eval_step(ctx, nets)
     for i, arch in enumerate(missing):
-      scores = pipeline.evaluate(exp, eval_fn, variables, exp.splits.valid, jnp.asarray(arch))
-      cached[_arch_key(arch)] = scores['accuracy']
-      exp.log.info(f'[evaluate] shared weights {i + 1}/{len(missing)}: valid acc '
-                   f'{scores["accuracy"]:.4f} {report.arch_text(exp.space.names(arch))}')
-    pipeline._write_json(path, cached)
+      cached[_arch_key(arch)] = supernet.valid_accuracy(ctx, nets, eval_fn, variables, arch)
+      ctx.log.info(f'[evaluate] shared weights {i + 1}/{len(missing)}: valid acc '
+                   f'{cached[_arch_key(arch)]:.4f} {nets.arch_text(arch)}')
+    files.write_json(path, cached)
   return [cached[_arch_key(a)] for a in archs]
 
 
-def accuracy_metric(exp: pipeline.Experiment) -> str:
-  """What "accuracy" means for the run's retrained networks: ``'test accuracy'``, or
-  for face networks ``'<pair set> verification accuracy'`` (the config's first)."""
-  if exp.faces:
-    names = config_lib.verification_names(exp.config)
-    if not names:
-      raise ValueError('a face run without config.dataset.verification has no verification '
-                       'accuracy to evaluate')
-    return f'{names[0]} verification accuracy'
-  if not len(exp.splits.test):
-    raise ValueError('the run has no test split: no retrained accuracy to evaluate')
-  return 'test accuracy'
-
-
-def retrained_accuracy(exp: pipeline.Experiment, retrained: dict[str, Any]) -> float:
-  """The :func:`accuracy_metric` of a :func:`pipeline.run_retrain` result."""
-  if exp.faces:
-    return retrained['verification'][config_lib.verification_names(exp.config)[0]]['accuracy']
-  return retrained['test_acc']
-
-
-def _retrained(exp: pipeline.Experiment, name: str, arch: tuple[int, ...]) -> dict[str, Any]:
+def _retrained(ctx: Context, nets: Networks, name: str, arch: tuple[int, ...]) -> dict[str, Any]:
   """The pipeline's retrain result of its ``baseline`` or ``refined`` network; a
   baseline the run did not retrain (``retrain.baseline=False``) is retrained now and
   recorded as the pipeline's own ``retrain_baseline`` phase."""
   phase = f'retrain_{name}'
-  result = exp.load_result(phase)
+  result = ctx.results.load(phase)
   if result is None:
     if name != 'baseline':
-      raise ValueError(f'{exp.result_path(phase)} does not exist: the run is not finished')
-    exp.log.info('[evaluate] the run did not retrain its baseline: retraining it now')
-    result = pipeline.run_retrain(exp, name, arch)
-    exp.save_result(phase, result)
+      raise ValueError(f'{ctx.results.path(phase)} does not exist: the run is not finished')
+    ctx.log.info('[evaluate] the run did not retrain its baseline: retraining it now')
+    result = retrain.run(ctx, nets, name, arch)
+    ctx.results.save(phase, result)
   return result
 
 
-def retrain_random(exp: pipeline.Experiment, archs: list[tuple[int, ...]]) -> list[dict]:
-  """:func:`pipeline.run_retrain` of each random architecture as phase
+def retrain_random(ctx: Context, nets: Networks, archs: list[tuple[int, ...]]) -> list[dict]:
+  """:func:`nar_jax.phases.retrain.run` of each random architecture as phase
   ``retrain_random_<i>`` (its own RNG key, checkpoints and cached result
   ``evaluation/retrain_random_<i>.json``); returns their results in order."""
   results = []
-  paths = [os.path.join(exp.workdir, EVALUATION_DIR, f'retrain_random_{i:02d}.json')
+  paths = [os.path.join(ctx.workdir, EVALUATION_DIR, f'retrain_random_{i:02d}.json')
            for i in range(len(archs))]
   done = sum(os.path.exists(p) for p in paths)
-  progress = pipeline.Progress(exp.log, 'evaluate', len(archs), done)
+  progress = Progress(ctx.log, 'evaluate', len(archs), done)
   for i, (arch, path) in enumerate(zip(archs, paths)):
     if os.path.exists(path):
       cached = _read_json(path)
@@ -269,13 +213,13 @@ def retrain_random(exp: pipeline.Experiment, archs: list[tuple[int, ...]]) -> li
                          f'{list(arch)} this run draws: was the run\'s config changed?')
       results.append(cached['retrained'])
       continue
-    exp.log.info(f'[evaluate] retraining random architecture {i + 1}/{len(archs)}: '
-                 f'{report.arch_text(exp.space.names(arch))}')
-    retrained = pipeline.run_retrain(exp, f'random_{i:02d}', arch)
-    pipeline._write_json(path, {'op_indices': list(arch), 'retrained': retrained})
+    ctx.log.info(f'[evaluate] retraining random architecture {i + 1}/{len(archs)}: '
+                 f'{nets.arch_text(arch)}')
+    retrained = retrain.run(ctx, nets, f'random_{i:02d}', arch)
+    files.write_json(path, {'op_indices': list(arch), 'retrained': retrained})
     results.append(retrained)
     progress.update(1, f'random architecture {i + 1}/{len(archs)} retrained: '
-                    f'accuracy {retrained_accuracy(exp, retrained):.4f}')
+                    f'accuracy {nets.task.headline_value(ctx.config, retrained):.4f}')
   return results
 
 
@@ -379,7 +323,7 @@ def _group_text(group: dict[str, Any]) -> str:
           f'{group["median_accuracy"]:.4f})')
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any], family: families.Family) -> str:
   """``evaluation.md``: the summary, how to read it, and every architecture."""
   s, k, metric = result['summary'], result['summary']['kendall'], result['metric']
   tau = ('undefined (a constant score list)' if k['tau'] is None
@@ -416,7 +360,7 @@ def markdown(result: dict[str, Any]) -> str:
       f'{metric} (retrained) |',
       '| --- | --- | ---: | ---: | ---: | ---: |',
   ]
-  lines += [f'| {r["source"]} | {report.arch_text(r["arch"])} | {r["params"]:,} | '
+  lines += [f'| {r["source"]} | {families.arch_text(family, r["arch"])} | {r["params"]:,} | '
             f'{r["macs"]:,} | {r["valid_acc"]:.4f} | {r["accuracy"]:.4f} |'
             for r in result['rows']]
   lines += ['', '![accuracy vs MACs](evaluation.png)']
@@ -448,31 +392,31 @@ def evaluate(workdir: str, num_random: int,
     raise ValueError(f'--num_random must be a positive integer, got {num_random!r}')
   config = load_run_config(workdir, config)
   _check_finished(workdir)
-  exp = pipeline.setup(config, workdir)
-  metric = accuracy_metric(exp)
-  baseline = exp.space.baseline()
-  refined = exp.space.validate(_read_json(os.path.join(workdir, 'arch.json'))['op_indices'])
-  randoms = random_architectures(exp, num_random, (baseline, refined))
+  ctx, nets = pipeline.setup(config, workdir)
+  metric = nets.task.headline(config, nets.splits)
+  baseline = nets.space.baseline()
+  refined = nets.space.validate(_read_json(os.path.join(workdir, 'arch.json'))['op_indices'])
+  randoms = random_architectures(ctx, nets, num_random, (baseline, refined))
   sources = (['baseline', 'refined'] + [f'random_{i:02d}' for i in range(num_random)])
   archs = [baseline, refined] + randoms
-  valid = shared_scores(exp, archs)
-  retrained = [_retrained(exp, 'baseline', baseline) if baseline != refined
-               else _retrained(exp, 'refined', refined), _retrained(exp, 'refined', refined)]
-  retrained += retrain_random(exp, randoms)
+  valid = shared_scores(ctx, nets, archs)
+  retrained = [_retrained(ctx, nets, 'baseline', baseline) if baseline != refined
+               else _retrained(ctx, nets, 'refined', refined), _retrained(ctx, nets, 'refined', refined)]
+  retrained += retrain_random(ctx, nets, randoms)
   rows = []
   for source, arch, valid_acc, result in zip(sources, archs, valid, retrained):
-    counts = exp.counts(arch)
-    rows.append({'source': source, 'arch': exp.space.names(arch), 'op_indices': list(arch),
+    counts = nets.counts(arch)
+    rows.append({'source': source, 'arch': nets.space.names(arch), 'op_indices': list(arch),
                  'params': counts.params, 'macs': counts.macs, 'valid_acc': valid_acc,
-                 'accuracy': retrained_accuracy(exp, result)})
-  result = {'dataset': config.dataset.name, 'space': exp.space.name, 'metric': metric,
+                 'accuracy': nets.task.headline_value(config, result)})
+  result = {'dataset': config.dataset.name, 'space': nets.space.name, 'metric': metric,
             'num_random': num_random, 'rows': rows, 'summary': summarize(rows)}
   directory = os.path.join(workdir, EVALUATION_DIR)
-  pipeline._write_json(os.path.join(directory, 'evaluation.json'), result)
+  files.write_json(os.path.join(directory, 'evaluation.json'), result)
   with open(os.path.join(directory, 'evaluation.md'), 'w') as f:
-    f.write(markdown(result))
+    f.write(markdown(result, nets.family))
   plot(rows, metric, os.path.join(directory, 'evaluation.png'))
-  exp.log.info(f'[evaluate] report: {os.path.join(directory, "evaluation.md")}')
+  ctx.log.info(f'[evaluate] report: {os.path.join(directory, "evaluation.md")}')
   return result
 
 
@@ -483,7 +427,8 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   train.add_cpu_xla_flags()
   try:
-    result = evaluate(flags.FLAGS.workdir, flags.FLAGS.num_random, flags.FLAGS.config)
+    with workdir_lib.lock(flags.FLAGS.workdir):  # one run per workdir at a time
+      result = evaluate(flags.FLAGS.workdir, flags.FLAGS.num_random, flags.FLAGS.config)
   except (DatasetNotPreparedError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)

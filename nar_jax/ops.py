@@ -410,7 +410,9 @@ def count_op(op: str, in_channels: int, out_channels: int, stride: int,
   return total + count_bn(r.out_channels), hw
 
 
-def _pool(x, kind, window, stride):
+def pool(x: jax.Array, kind: Literal['max', 'avg'], window: int, stride: int) -> jax.Array:
+  """SAME ``window x window`` max or average pooling of ``x (B, H, W, C)`` at ``stride``
+  (the average over the valid pixels only); ``(B, ceil(H/stride), ceil(W/stride), C)``."""
   pads = [same_padding(x.shape[d], window, stride)[0] for d in (1, 2)]
   if kind == 'max':
     return nn.max_pool(x, (window, window), (stride, stride), pads)
@@ -431,7 +433,7 @@ class Operator(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     r = recipe(self.op, x.shape[-1], self.out_channels, self.stride)
     if r.pool is not None:
-      x = _pool(x, r.pool, r.pool_window, r.pool_stride)
+      x = pool(x, r.pool, r.pool_window, r.pool_stride)
     for i, layer in enumerate(r.convs):
       x = Conv(layer.out_channels, layer.kernel, layer.stride, layer.groups, self.dtype,
                name=f'conv{i}')(x)
@@ -594,7 +596,7 @@ def selected_operator(x: jax.Array, branch_index: jax.Array, choices: Sequence[s
   kernel = lax.select_n(branch_index, *[
       operator_kernel(op, p, in_channels, out_channels, size) for op, p in zip(choices, params)])
   if 'max3x3' in choices:
-    x = jnp.where(branch_index == choices.index('max3x3'), _pool(x, 'max', 3, 1), x)
+    x = jnp.where(branch_index == choices.index('max3x3'), pool(x, 'max', 3, 1), x)
   y = conv2d(x.astype(dtype), kernel.astype(dtype), stride)
   if 'avg3x3' in choices:
     inverse = jnp.asarray(inverse_window_counts(x.shape[1], x.shape[2], stride), dtype)

@@ -50,7 +50,7 @@ def ema_advantages(baseline: jax.Array, rewards: jax.Array,
 class CostReward(NamedTuple):
   """MnasNet's resource constraint on the controller's reward (:func:`cost_aware_reward`).
 
-  ``macs`` is a jittable ``arch -> MACs`` (:func:`nar_jax.counting.macs_model`);
+  ``macs`` is a jittable ``arch -> MACs`` (:attr:`nar_jax.families.Family.macs_model`);
   ``weight`` is the exponent above ``target_macs`` and ``weight_below`` at or below it.
   """
 

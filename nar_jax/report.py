@@ -10,19 +10,7 @@ import json
 import os
 from typing import Any
 
-
-def arch_text(arch: list) -> str:
-  """An architecture on one line: op names joined by commas, or for a joint
-  architecture its layers (:func:`node_text`) joined by ``'; '``."""
-  return ('; ' if arch and isinstance(arch[0], dict) else ',').join(node_text(a) for a in arch)
-
-
-def node_text(entry) -> str:
-  """One node of a readable architecture: an op name, or a joint layer
-  ``{'op', 'skips'}`` as ``op <- stem + layer1`` (the op alone without skips)."""
-  if isinstance(entry, dict):
-    return entry['op'] + (' <- ' + ' + '.join(entry['skips']) if entry['skips'] else '')
-  return str(entry)
+from nar_jax import families
 
 
 def _change(new: float | None, old: float | None) -> float | None:
@@ -32,30 +20,31 @@ def _change(new: float | None, old: float | None) -> float | None:
   return 100.0 * (new - old) / old
 
 
-def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
+def build(nets, arch: tuple[int, ...], derived: dict | None, refined: dict,
           baseline: dict | None) -> dict[str, Any]:
-  """Assembles the report dict.
+  """Assembles the report dict of the networks ``nets``
+  (:class:`nar_jax.phases.context.Networks`).
 
   ``valid_acc`` is the architecture's accuracy on the validation split with the
   searched shared weights (the score derive ranks architectures by); it is ``None``
   when no search ran (``config.arch`` given). ``test_acc`` is the retrained
   network's accuracy on the test split (``None`` for a baseline not retrained).
   """
-  base_arch = exp.space.baseline()
+  base_arch = nets.space.baseline()
 
   def entry(a, retrained, valid_acc):
-    counts = exp.counts(a)
+    counts = nets.counts(a)
     retrained = retrained or {}
-    return {'arch': exp.space.names(a), 'params': counts.params, 'macs': counts.macs,
+    return {'arch': nets.space.names(a), 'params': counts.params, 'macs': counts.macs,
             'valid_acc': valid_acc, 'test_acc': retrained.get('test_acc'),
             'verification': retrained.get('verification', {}),
             'retrain_step_s': retrained.get('step_s')}
 
   result = {
-      'dataset': exp.config.dataset.name,
-      'space': exp.space.name,
-      'width': exp.config.model.width,
-      'nodes': exp.node_names,
+      'dataset': nets.config.dataset.name,
+      'space': nets.space.name,
+      'width': nets.config.model.width,
+      'nodes': nets.node_names,
       'baseline': entry(base_arch, baseline,
                         derived['baseline']['valid_acc'] if derived else None),
       'refined': entry(arch, refined, derived['best']['valid_acc'] if derived else None),
@@ -74,12 +63,12 @@ def build(exp, arch: tuple[int, ...], derived: dict | None, refined: dict,
     if derived.get('search_curve'):
       result['search']['curve'] = derived['search_curve']
       result['search']['uniform_entropy'] = derived['uniform_entropy']
-    if exp.cost is not None:
+    if nets.cost is not None:
       result['search']['cost'] = {
-          'target_macs': exp.cost.target_macs, 'weight': exp.cost.weight,
-          'weight_below': exp.cost.weight_below,
-          'refined_macs_over_target': result['refined']['macs'] / exp.cost.target_macs,
-          'baseline_macs_over_target': result['baseline']['macs'] / exp.cost.target_macs}
+          'target_macs': nets.cost.target_macs, 'weight': nets.cost.weight,
+          'weight_below': nets.cost.weight_below,
+          'refined_macs_over_target': result['refined']['macs'] / nets.cost.target_macs,
+          'baseline_macs_over_target': result['baseline']['macs'] / nets.cost.target_macs}
     fixed = result['refined']['retrain_step_s']
     if derived['supernet_step_s'] and fixed:
       result['search']['supernet_over_fixed_step'] = derived['supernet_step_s'] / fixed
@@ -90,8 +79,9 @@ def _fmt(value, spec: str) -> str:
   return '-' if value is None else format(value, spec)
 
 
-def markdown(result: dict[str, Any]) -> str:
-  """``report.md``: the comparison table and both architectures."""
+def markdown(result: dict[str, Any], family: families.Family) -> str:
+  """``report.md``: the comparison table and both architectures (written as ``family``
+  prints them)."""
   b, r, ch = result['baseline'], result['refined'], result['change_percent']
   lines = [
       f'# NAR report: {result["space"]} (width {result["width"]}) on {result["dataset"]}',
@@ -127,14 +117,12 @@ def markdown(result: dict[str, Any]) -> str:
         '',
     ]
   for node, op_b, op_r in zip(result['nodes'], b['arch'], r['arch']):
-    text_b, text_r = node_text(op_b), node_text(op_r)
+    text_b, text_r = family.node_text(op_b), family.node_text(op_r)
     lines.append(f'| {node} | {text_b} | {text_r if op_r == op_b else f"**{text_r}**"} |')
-  if isinstance(r['arch'][0], dict):
-    lines += ['', "Joint architectures: each layer's operator, then (after `<-`) the earlier "
-              "outputs added to it by skip connections (`stem` is the stem's output, "
-              "`layer{t}` layer t's)."]
+  if family.arch_legend:
+    lines += ['', family.arch_legend]
   if 'alternating' in result:
-    lines += _alternating_lines(result['alternating'])
+    lines += _alternating_lines(result['alternating'], family)
   if 'search' in result:
     s = result['search']
     lines += [
@@ -181,7 +169,7 @@ def _curve_lines(curve: list[dict[str, Any]], uniform_entropy: float) -> list[st
   return lines + ['']
 
 
-def _alternating_lines(alt: dict[str, Any]) -> list[str]:
+def _alternating_lines(alt: dict[str, Any], family: families.Family) -> list[str]:
   """The alternating search's expected-reward sequence (:mod:`nar_jax.alternating`)."""
   lines = ['', '## Alternating search (eq. 9-11)', '',
            f'Stopped: {alt["stopped"]}. ER of a phase = validation accuracy (shared weights) of '
@@ -191,7 +179,7 @@ def _alternating_lines(alt: dict[str, Any]) -> list[str]:
   for i, h in enumerate(alt['history']):
     lines.append(f'| {i + 1} | {h["phase"]} | {h["round"]} | {h["er"]:.4f} | '
                  f'{h["incumbent_reward"]:.4f} | {"yes" if h["improved"] else "no"} | '
-                 f'{arch_text(h["arch"])} |')
+                 f'{families.arch_text(family, h["arch"])} |')
   return lines
 
 
@@ -205,8 +193,8 @@ def _verification_row(name: str, base: dict | None, refined: dict | None) -> str
   return f'| {name} | {acc(base)} | {acc(refined)} | {tar(base)} | {tar(refined)} |'
 
 
-def write(workdir: str, result: dict[str, Any]) -> None:
+def write(workdir: str, result: dict[str, Any], family: families.Family) -> None:
   with open(os.path.join(workdir, 'report.json'), 'w') as f:
     json.dump(result, f, indent=2)
   with open(os.path.join(workdir, 'report.md'), 'w') as f:
-    f.write(markdown(result))
+    f.write(markdown(result, family))

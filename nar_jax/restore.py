@@ -21,12 +21,16 @@ from nar_jax import config as config_lib
 from nar_jax import data, pipeline, train, verification
 from nar_jax.checkpoint import PhaseCheckpoints
 from nar_jax.data import faces
+from nar_jax.phases.context import Context, Networks
+from nar_jax.tasks import faces as face_task
 
 
 class Retrained(NamedTuple):
-  """A restored fixed network: its experiment (data, space, mesh), module and variables."""
+  """A restored fixed network: its run (mesh, config), networks (data, space), module,
+  variables and architecture."""
 
-  exp: pipeline.Experiment
+  ctx: Context
+  nets: Networks
   model: Any
   variables: Any
   arch: tuple[int, ...]
@@ -48,18 +52,18 @@ def retrained_network(config: ml_collections.ConfigDict, workdir: str,
   arch_path = os.path.join(workdir, 'arch.json')
   if not os.path.exists(arch_path):
     raise ValueError(f'{workdir} has no arch.json: run the pipeline there first')
-  exp = pipeline.setup(config, workdir)
+  ctx, nets = pipeline.setup(config, workdir)
   with open(arch_path) as f:
-    refined = exp.space.validate(json.load(f)['op_indices'])
-  arch = refined if name == 'refined' else exp.space.baseline()
+    refined = nets.space.validate(json.load(f)['op_indices'])
+  arch = refined if name == 'refined' else nets.space.baseline()
   phase = 'retrain_refined' if arch == refined else f'retrain_{name}'
-  splits = pipeline.retrain_splits(exp)
-  cfg = exp.config.retrain
+  splits = nets.task.retrain_splits(config, workdir, nets.splits)
+  cfg = config.retrain
   per_epoch = data.num_batches(data.merge(splits.train, splits.valid), cfg.batch_size)
   tx = train.child_optimizer(cfg.optimizer, per_epoch)
-  model = exp.model(arch, splits.num_classes)
-  state = train.replicate(exp.mesh, train.create_train_state(
-      exp.key(phase), model, exp.splits.image_shape, tx, None))
+  model = nets.fixed(arch, splits.num_classes)
+  state = train.replicate(ctx.mesh, train.create_train_state(
+      ctx.key(phase), model, splits.image_shape, tx, None))
   ckpt = PhaseCheckpoints(workdir, phase)
   try:
     latest = ckpt.latest_step()
@@ -69,7 +73,7 @@ def retrained_network(config: ml_collections.ConfigDict, workdir: str,
     state, _ = ckpt.restore(latest, state)
   finally:
     ckpt.close()
-  return Retrained(exp, model, state.variables, arch)
+  return Retrained(ctx, nets, model, state.variables, arch)
 
 
 def verification_distances(net: Retrained, pair_set: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,12 +83,12 @@ def verification_distances(net: Retrained, pair_set: str) -> tuple[np.ndarray, n
     float64 (P,) squared L2 distances of the pairs' embeddings and bool (P,) issame;
     ``verification.evaluate`` of the same embeddings is what the pipeline reports.
   """
-  exp = net.exp
-  embed = train.make_embed_step(net.model, exp.mesh, mean=exp.splits.mean, std=exp.splits.std)
-  directory = pipeline.face_directory(exp.config, exp.workdir)
+  ctx, splits = net.ctx, net.nets.splits
+  embed = train.make_embed_step(net.model, ctx.mesh, mean=splits.mean, std=splits.std)
+  directory = face_task.face_directory(ctx.config, ctx.workdir)
   pairs = faces.load_verification_set(os.path.join(directory, f'{pair_set}.bin'),
-                                      exp.splits.image_shape)
+                                      splits.image_shape)
   embeddings = verification.embed_images(
-      lambda x: embed(net.variables, train.shard(exp.mesh, x)), pairs.images,
-      batch_size=exp.config.eval_batch_size)
+      lambda x: embed(net.variables, train.shard(ctx.mesh, x)), pairs.images,
+      batch_size=ctx.config.eval_batch_size)
   return verification.pair_distances(embeddings), np.asarray(pairs.issame)

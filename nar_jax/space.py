@@ -53,29 +53,36 @@ class Stage:
 
 
 @dataclasses.dataclass(frozen=True)
-class SearchSpace:
-  """A residual base network and its searchable nodes.
+class Stem:
+  """The layers before the first stage: a ``kernel x kernel`` conv of the stem channels at
+  ``stride``, BatchNorm and ReLU, then a ``pool_window x pool_window`` max pool at
+  ``pool_stride`` (``pool_window=0``: no pool)."""
 
-  ``family`` names the skeleton around the nodes:
+  kernel: int
+  stride: int
+  pool_window: int = 0
+  pool_stride: int = 1
 
-  * ``'resnet'``: basic-block ResNet (:class:`nar_jax.models.resnet.ResNet`). With
-    ``granularity='conv'`` every 3x3 conv of a block is a node (two per block: the
-    paper's ResNet-18-16); with ``granularity='block'`` a node is a whole residual
-    body ``op -> BN -> ReLU -> op -> BN`` (ResNet-18-8): choosing operator ``op``
-    for that node sets both layers of the body to ``op``.
-  * ``'ir'``: ArcFace's LResNet-E-IR (:class:`nar_jax.models.iresnet.IResNet`),
-    always at conv granularity: unit ``BN -> node -> PReLU -> node``, where the
-    second node carries the unit's stride, then the "E" output block producing an
-    ``embedding_size`` embedding (see :func:`ir_space`).
-  """
+  def out_hw(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """Height and width of the stem's output (the first stage's input), SAME padding."""
+    hw = tuple(ops.same_padding(s, self.kernel, self.stride)[1] for s in image_hw)
+    if self.pool_window:
+      hw = tuple(ops.same_padding(s, self.pool_window, self.pool_stride)[1] for s in hw)
+    return hw
 
-  name: str
-  granularity: Granularity
-  stem_channels: int
-  stages: tuple[Stage, ...]
-  nodes: tuple[Node, ...]
-  family: Family = 'resnet'
-  embedding_size: int | None = None  # 'ir' only: features of the face embedding
+
+STEMS = {
+    # CIFAR ResNets (and the IR networks): 3x3 conv at stride 1, no pool.
+    'cifar': Stem(3, 1),
+    # ImageNet ResNets (He et al. 2016): 7x7 conv at stride 2, 3x3 max pool at stride 2;
+    # the first stage runs at 56x56 for 224x224 inputs.
+    'imagenet': Stem(7, 2, 3, 2),
+}
+
+
+class _Nodes:
+  """What every operator space is: an ordered tuple of :class:`Node` s (``self.nodes``)
+  and the architectures over them."""
 
   @property
   def num_nodes(self) -> int:
@@ -132,6 +139,57 @@ class SearchSpace:
   def names(self, arch: Sequence[int | str]) -> list[str]:
     """The architecture as op names (validated)."""
     return [ops.OP_NAMES[i] for i in self.validate(arch)]
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSpace(_Nodes):
+  """An operator space of any network: its name and its searchable nodes, in the order
+  the network runs them (README, "Refining your own network").
+
+  Attributes:
+    name: the space's name (``report.md``, ``arch.json``).
+    nodes: one :class:`Node` per searchable layer.
+  """
+
+  name: str
+  nodes: tuple[Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace(_Nodes):
+  """A residual base network and its searchable nodes.
+
+  ``family`` names the skeleton around the nodes:
+
+  * ``'resnet'``: basic-block ResNet (:class:`nar_jax.models.resnet.ResNet`). With
+    ``granularity='conv'`` every 3x3 conv of a block is a node (two per block: the
+    paper's ResNet-18-16); with ``granularity='block'`` a node is a whole residual
+    body ``op -> BN -> ReLU -> op -> BN`` (ResNet-18-8): choosing operator ``op``
+    for that node sets both layers of the body to ``op``.
+  * ``'ir'``: ArcFace's LResNet-E-IR (:class:`nar_jax.models.iresnet.IResNet`),
+    always at conv granularity: unit ``BN -> node -> PReLU -> node``, where the
+    second node carries the unit's stride, then the "E" output block producing an
+    ``embedding_size`` embedding (see :func:`ir_space`).
+
+  ``stem`` names the layers before the first stage (:data:`STEMS`): ``'cifar'`` (3x3
+  conv, stride 1) or, for basic-block ResNets, ``'imagenet'`` (7x7 conv at stride 2 and
+  a 3x3 max pool at stride 2). It changes neither the nodes nor their candidates, so an
+  architecture searched with one stem is valid with the other.
+  """
+
+  name: str
+  granularity: Granularity
+  stem_channels: int
+  stages: tuple[Stage, ...]
+  nodes: tuple[Node, ...]
+  family: Family = 'resnet'
+  embedding_size: int | None = None  # 'ir' only: features of the face embedding
+  stem: str = 'cifar'
+
+  @property
+  def stem_layers(self) -> Stem:
+    """The :class:`Stem` named by ``stem``."""
+    return STEMS[self.stem]
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,29 +250,40 @@ def scaled(channels: int, width: float) -> int:
   return max(1, int(round(channels * width)))
 
 
+def check_stem(stem: str) -> None:
+  """Raises ``ValueError`` unless ``stem`` is one of :data:`STEMS`."""
+  if stem not in STEMS:
+    raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+
+
 def resnet_space(base: str = 'resnet18', granularity: Granularity = 'conv', width: float = 1.0,
-                 rule: str = 'paper', allowed: Sequence[str] | None = None) -> SearchSpace:
+                 rule: str = 'paper', allowed: Sequence[str] | None = None,
+                 stem: str = 'cifar') -> SearchSpace:
   """A basic-block ResNet as a search space.
 
   Args:
-    base: ``'resnet18'`` (CIFAR ResNet-18: 3x3 stem, [2,2,2,2] blocks of
-      64-128-256-512, no max-pool) or ``'resnet20_wide'`` (ResNet-20 with
-      64/128/256 channels, the paper's Table 1 baseline).
+    base: ``'resnet18'`` (ResNet-18: [2,2,2,2] blocks of 64-128-256-512) or
+      ``'resnet20_wide'`` (ResNet-20 with 64/128/256 channels, the paper's Table 1
+      baseline).
     granularity: ``'conv'`` (a node per 3x3 conv) or ``'block'`` (a node per body).
     width: multiplier on every channel count (small CPU configs use < 1).
     rule: candidate rule, see :func:`candidates_for`.
     allowed: optional subset of op names the candidates are drawn from.
+    stem: ``'cifar'`` (3x3 conv, stride 1, no max pool) or ``'imagenet'`` (7x7 conv at
+      stride 2 and a 3x3 max pool at stride 2: ImageNet ResNet-18 with
+      ``base='resnet18'``), see :data:`STEMS`. The nodes are the same for both.
   """
+  check_stem(stem)
   if base not in BASE_NETWORKS:
     raise ValueError(f'unknown base network {base!r}; known: {", ".join(BASE_NETWORKS)}')
   if granularity not in ('conv', 'block'):
     raise ValueError(f"granularity must be 'conv' or 'block', got {granularity!r}")
   if width <= 0:
     raise ValueError(f'width multiplier must be positive, got {width}')
-  stem, stage_defs = BASE_NETWORKS[base]
+  stem_channels, stage_defs = BASE_NETWORKS[base]
   stages = tuple(Stage(b, scaled(c, width), s) for b, c, s in stage_defs)
   nodes = []
-  in_ch = scaled(stem, width)
+  in_ch = scaled(stem_channels, width)
   for si, stage in enumerate(stages):
     for bi in range(stage.num_blocks):
       stride = stage.stride if bi == 0 else 1
@@ -230,7 +299,8 @@ def resnet_space(base: str = 'resnet18', granularity: Granularity = 'conv', widt
       in_ch = stage.channels
   suffix = '16' if granularity == 'conv' else '8'
   name = f'{base}-{suffix}' if base == 'resnet18' else f'{base}-{granularity}'
-  return SearchSpace(name, granularity, scaled(stem, width), stages, tuple(nodes))
+  return SearchSpace(name, granularity, scaled(stem_channels, width), stages, tuple(nodes),
+                     stem=stem)
 
 
 IR_UNITS = {

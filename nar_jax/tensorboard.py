@@ -1,6 +1,6 @@
 """TensorBoard event files of a run, written from the records of ``metrics.jsonl``.
 
-Every record :class:`nar_jax.pipeline.Log` writes to ``metrics.jsonl`` is also written to
+Every record :class:`nar_jax.progress.Log` writes to ``metrics.jsonl`` is also written to
 ``<workdir>/tensorboard/`` (with tensorboardX's event-file writer, so no TensorFlow is
 needed at run time) as:
 

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nar_jax import controller, reinforce, verification
 from nar_jax import policy as policy_lib
 from nar_jax.data.augment import augment, normalize
-from nar_jax.models import resnet
+from nar_jax.models import nodes
 
 DATA_AXIS = 'data'
 
@@ -254,7 +254,7 @@ UsedMask = Callable[[Any, jax.Array], Any]
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                     mean, std, crop_padding: int, flip: bool,
-                    sample_arch: ArchSampler | None, used_mask: UsedMask = resnet.branch_mask):
+                    sample_arch: ArchSampler | None, used_mask: UsedMask = nodes.branch_mask):
   """Builds ``step(state, images, labels, key, sampler_params) -> (state, metrics)``.
 
   Args:
@@ -267,12 +267,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     sample_arch: ``(key, sampler_params) -> op_indices (num_nodes,)``, or ``None``.
     used_mask: ``(params, arch) -> bool pytree like params``: which leaves the sampled
       architecture uses (the rest, and their optimizer state, are frozen). Default
-      :func:`nar_jax.models.resnet.branch_mask` (one op index per node); the joint
+      :func:`nar_jax.models.nodes.branch_mask` (one op index per node); the joint
       space needs :func:`nar_jax.models.macro.branch_mask` with its space bound.
 
   The returned function takes uint8 ``images (B, H, W, C)`` and int32 ``labels (B,)``
   sharded over ``data``, and ``sampler_params`` (controller parameters, or ``None``).
-  ``metrics`` holds ``loss``, ``accuracy`` and the sampled ``arch``.
+  ``metrics`` holds ``loss``, ``accuracy``, ``grad_norm``, ``finite`` (whether the loss
+  and the gradient norm were finite: if not, the step was not applied) and the sampled
+  ``arch``.
   """
 
   def device_step(state: TrainState, images, labels, op_indices, dropout_key):
@@ -298,9 +300,19 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
       params = tree_where(used, params, state.params)
       opt_state = keep_unselected(used, jax.tree.structure(state.params), opt_state,
                                   state.opt_state)
+    grad_norm = optax.tree.norm(grads)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
+    # A step with a non-finite loss, gradient or update is not applied (as
+    # optax.apply_if_finite): the state stays the last finite one, and the loop stops.
+    params, batch_stats, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, batch_stats, opt_state),
+        (state.params, state.batch_stats, state.opt_state))
     metrics = {
         'loss': loss,
         'accuracy': jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), DATA_AXIS),
+        'grad_norm': grad_norm,
+        'finite': finite,
     }
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
@@ -448,6 +460,10 @@ def _verification_reward(model, mesh, mean, std, batch_statistics):
                        check_vma=False)
 
 
+REWARDS = {'accuracy': _accuracy_reward, 'verification': _verification_reward}
+"""The controller rewards (:attr:`nar_jax.tasks.RewardData.kind`) and their jitted measures."""
+
+
 def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                            policy: policy_lib.Policy, mean, std, entropy_weight: float,
                            baseline_decay: float, batch_statistics: bool = True,
@@ -471,10 +487,9 @@ def make_controller_update(model: nn.Module, tx: optax.GradientTransformation, m
   ``2i + 1``), ``targets`` = issame ``(M, B / 2)``, the reward their verification accuracy.
   ``cost``: optional resource-aware reward (:class:`nar_jax.reinforce.CostReward`).
   """
-  if reward not in ('accuracy', 'verification'):
+  if reward not in REWARDS:
     raise ValueError(f"unknown reward {reward!r}; use 'accuracy' or 'verification'")
-  make_reward = _accuracy_reward if reward == 'accuracy' else _verification_reward
-  return make_policy_update(policy, tx, make_reward(model, mesh, mean, std, batch_statistics),
+  return make_policy_update(policy, tx, REWARDS[reward](model, mesh, mean, std, batch_statistics),
                             entropy_weight=entropy_weight, baseline_decay=baseline_decay,
                             cost=cost)
 
@@ -495,7 +510,9 @@ def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformati
 
   * ``controller_loss``, ``reward`` (mean over the ``M`` samples, entropy bonus
     included), ``valid_acc`` (mean of ``reward_fn``), ``baseline``, ``entropy`` (mean
-    per-architecture sum of the op entropies), ``grad_norm`` (norm of the loss gradient);
+    per-architecture sum of the op entropies), ``grad_norm`` (norm of the loss gradient),
+    ``finite`` (loss, gradient norm and rewards finite; if not, the update was not
+    applied);
   * with ``cost`` (MnasNet's constraint, :func:`nar_jax.reinforce.cost_aware_reward`:
     each sample's accuracy times ``(MACs / target) ** w`` before the entropy bonus),
     ``macs``: the samples' mean MACs;
@@ -528,13 +545,20 @@ def make_policy_update(policy: policy_lib.Policy, tx: optax.GradientTransformati
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.isfinite(rewards))
+    # Not applied unless finite (as a child step); the loop stops the run.
+    params, opt_state, baseline = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (params, opt_state, baseline),
+        (state.params, state.opt_state, state.baseline))
     metrics = {
+        'finite': finite,
         'controller_loss': loss,
         'reward': jnp.mean(rewards),
         'valid_acc': jnp.mean(accuracy),
         'baseline': baseline,
         'entropy': jnp.mean(jnp.sum(samples.entropy, axis=1)),
-        'grad_norm': optax.tree.norm(grads),
+        'grad_norm': grad_norm,
         **policy.diagnostics(state.params, samples.arch, rewards, advantages, *args),
     }
     if cost is not None:

@@ -24,7 +24,7 @@ and resumable like any run. The study writes ``DIR/transfer.json`` and
 ``DIR/transfer.md``.
 
 With ``face_head=False`` a face task is classification of the proxy task's identities
-(:func:`nar_jax.pipeline.face_classification_splits`) with softmax heads instead.
+(:func:`nar_jax.tasks.faces.identity_splits`) with softmax heads instead.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nar_jax import config as config_lib
-from nar_jax import joint, pipeline, train
+from nar_jax import families, pipeline, tasks, train
 from nar_jax.data import DatasetNotPreparedError
 
 NETWORKS = ('nas_arch', 'resnet20_wide')
@@ -122,14 +122,13 @@ def run_config(study: ml_collections.ConfigDict, network: str, task: str,
   c.child.batch_size = c.retrain.batch_size
   c.search.controller.valid_batch_size = c.retrain.batch_size
   c.eval_batch_size, c.log_every_steps = study.eval_batch_size, study.log_every_steps
-  if study.face_head and c.dataset.name in config_lib.FACE_DATASETS:
+  if study.face_head and tasks.is_face_dataset(c):
     c.model.head = 'face'
     c.model.embedding_size = study.embedding_size
     c.margin = ml_collections.ConfigDict(study.margin.to_dict())
   if network == 'nas_arch':
     arch = nas_arch(study)
-    layers = (len(arch) if arch and isinstance(arch[0], dict)
-              else joint.num_layers_of(len(arch)))
+    layers = families.macro.num_layers(arch)
     c.model.base = 'enas_macro'
     c.model.num_layers = layers
     c.model.channels = c.model.retrain_channels = study.nas_arch_channels

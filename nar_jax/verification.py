@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nar_jax.data import faces
+from nar_jax.data.prefetch import prefetch
+from nar_jax.errors import NonFiniteError
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 TAR_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -260,7 +261,7 @@ def embed_images(embed_fn: Callable[[np.ndarray], Any], images: Any, *,
       yield x, len(x) - pad
 
   out = []
-  for x, count in faces.prefetch(batches()):
+  for x, count in prefetch(batches()):
     e = np.asarray(embed_fn(x), np.float64) + np.asarray(embed_fn(x[:, :, ::-1]), np.float64)
     if e.ndim != 2 or len(e) != batch_size:
       raise ValueError(f'embed_fn must return ({batch_size}, D) embeddings, got shape '
@@ -289,5 +290,9 @@ def verify(embed_fn: Callable[[np.ndarray], Any], images: Any, issame: Any, *,
     raise ValueError(f'{len(images)} images for {len(issame)} pairs; expected '
                      f'{2 * len(issame)} (two per pair).')
   fold_bounds(len(issame), num_folds)  # Fail before embedding anything.
-  return evaluate(embed_images(embed_fn, images, batch_size=batch_size), issame,
+  embeddings = embed_images(embed_fn, images, batch_size=batch_size)
+  if not np.all(np.isfinite(embeddings)):
+    raise NonFiniteError(f'verification: {int(np.sum(~np.isfinite(embeddings)))} non-finite '
+                         'embedding values: the network is not usable (a diverged training?)')
+  return evaluate(embeddings, issame,
                   num_folds=num_folds, far_target=far_target)

@@ -54,3 +54,32 @@ def assert_gradients_follow_mask(grads: Any, used: Any,
       np.testing.assert_array_equal(g, 0.0, err_msg=where)
     elif must_move(where):
       assert np.any(g != 0), where
+
+
+def count_architecture(space: Any, arch: Any, image_hw: tuple[int, int], in_channels: int,
+                       num_classes: int, embedding_size: int | None = None) -> Any:
+  """The analytic counts of ``space``'s fixed network ``arch``: the count of the family the
+  space belongs to (one call for every space in the tests)."""
+  from nar_jax import families  # noqa: PLC0415
+  from nar_jax.joint import JointSpace  # noqa: PLC0415
+  if isinstance(space, JointSpace):
+    return families.macro.count_architecture(space, arch, image_hw, in_channels, num_classes,
+                                             embedding_size)
+  if space.family == 'ir':
+    assert embedding_size is None, 'IR networks embed with space.embedding_size'
+    return families.ir.count_architecture(space, arch, image_hw, in_channels, num_classes)
+  return families.resnet.count_architecture(space, arch, image_hw, in_channels, num_classes,
+                                            embedding_size)
+
+
+def macs_model(space: Any, image_hw: tuple[int, int], in_channels: int, num_classes: int,
+               embedding_size: int | None = None) -> Callable[[Any], Any]:
+  """The jittable MACs of ``space``'s family (:attr:`nar_jax.families.Family.macs_model`)."""
+  from nar_jax import families  # noqa: PLC0415
+  from nar_jax.joint import JointSpace  # noqa: PLC0415
+  from nar_jax.models.heads import Head  # noqa: PLC0415
+  family = (families.macro.FAMILY if isinstance(space, JointSpace)
+            else families.ir.FAMILY if space.family == 'ir' else families.resnet.FAMILY)
+  head = Head('face', embedding_size=embedding_size) if embedding_size else Head()
+  return family.macs_model(space, families.CountArgs(tuple(image_hw), in_channels, num_classes,
+                                                     head))

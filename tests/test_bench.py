@@ -15,7 +15,7 @@ from nar_jax import bench
 
 def test_resnet_case_is_the_cifar_resnet18_supernet():
   case = bench.parse_case('r18_w16')
-  assert not case.face
+  assert case.family.name == 'resnet' and case.scannable
   assert case.space.name.startswith('resnet18') and case.space.stem_channels == 16
   assert (case.num_classes, case.image) == (10, 32)
   assert bench.parse_case('r18').space.stem_channels == 64
@@ -23,7 +23,7 @@ def test_resnet_case_is_the_cifar_resnet18_supernet():
 
 def test_face_case_is_the_ir50_supernet_with_face_conventions():
   case = bench.parse_case('ir50')
-  assert case.face and case.space.family == 'ir'
+  assert case.family.name == 'ir' and not case.scannable and case.head.kind == 'face'
   assert case.space.num_nodes == 48 and case.space.stem_channels == 64
   assert (case.num_classes, case.image) == (4000, 112)
   assert case.stats['mean'] == (127.5 / 255,) * 3 and case.stats['std'] == (128 / 255,) * 3

@@ -22,7 +22,8 @@ from nar_jax import controller, data, joint, ops, space, train
 from nar_jax.config import sgd_config
 from nar_jax.models import macro
 from nar_jax.models.iresnet import IResNet
-from nar_jax.models.resnet import ResNet, node_body, select_branches
+from nar_jax.models.nodes import node_body, select_branches
+from nar_jax.models.resnet import ResNet
 from nar_jax.space import Node, SearchSpace, Stage
 
 from model_testing import random_variables

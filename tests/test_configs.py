@@ -136,15 +136,15 @@ def test_expand_path_expands_home_and_makes_relative_paths_absolute(tmp_path, mo
 
 
 def test_face_data_dir_may_start_with_home(tmp_path, monkeypatch):
-  from nar_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from nar_jax.tasks import faces as face_task  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('HOME', str(tmp_path))
   config = load_config('face_lresnet50e_ir', None)
   config.dataset.data_dir = '~/faces_emore'
-  assert pipeline.face_directory(config, str(tmp_path / 'w')) == str(tmp_path / 'faces_emore')
+  assert face_task.face_directory(config, str(tmp_path / 'w')) == str(tmp_path / 'faces_emore')
   smoke = load_config('face_lresnet50e_ir', 'smoke')
   smoke.dataset.data_dir = '~/synthetic'
   smoke.dataset.synthetic.num_identities = 4
   smoke.dataset.synthetic.verification_identities = 2
   smoke.dataset.synthetic.num_pairs = 4
-  assert pipeline.face_directory(smoke, str(tmp_path / 'w')) == str(tmp_path / 'synthetic')
+  assert face_task.face_directory(smoke, str(tmp_path / 'w')) == str(tmp_path / 'synthetic')
   assert (tmp_path / 'synthetic' / 'train.rec').exists()

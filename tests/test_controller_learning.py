@@ -2,7 +2,7 @@
 
 Every search config's default controller must find a planted per-node target within
 its own update budget, through the update the pipeline runs
-(``train.make_policy_update`` with ``pipeline.Experiment.policy``'s policy and the
+(``train.make_policy_update`` with ``Networks.policy``'s policy and the
 config's optimizer, entropy weight, baseline decay and samples per update). The
 entropy bonus must enter the rewards with its sign; ``config.enas_controller()``
 must stay ENAS's recipe and kind ``'enas'`` the original controller's numerics.
@@ -16,7 +16,8 @@ import pytest
 from config_testing import load_config
 
 from nar_jax import config as config_lib
-from nar_jax import controller, joint, pipeline, planted, policy, space, train
+from nar_jax import controller, families, joint, planted, policy, space, tasks, train
+from nar_jax.phases.context import Networks
 
 SEARCH_CONFIGS = [
     ('quickstart', None), ('cifar_resnet18', None), ('cifar_resnet18', 'pretrain'),
@@ -33,13 +34,13 @@ def _controller_search(name, variant):
   pipeline builds them; the alternating search's operator phase with its per-phase
   budget, forced to the baseline's skips as its first phase is."""
   cfg = load_config(name, variant)
-  exp = pipeline.Experiment(config=cfg, workdir='', splits=None, space=pipeline.build_space(cfg),
-                            mesh=None, log=None, root_key=None)
+  family = families.family_for(cfg)
+  nets = Networks(cfg, family, tasks.task_for(cfg, family), family.space(cfg), None)
   c = cfg.search.controller
   if cfg.search.method == 'alternating':
-    return (exp.policy('operators'), (jnp.asarray(exp.space.baseline(), jnp.int32),),
+    return (nets.policy('operators'), (jnp.asarray(nets.space.baseline(), jnp.int32),),
             cfg.alternating.epochs_per_phase * c.updates_per_epoch, c)
-  return exp.policy(), (), cfg.search.epochs * c.updates_per_epoch, c
+  return nets.policy(), (), cfg.search.epochs * c.updates_per_epoch, c
 
 
 def _dedupe(configs):
@@ -48,7 +49,7 @@ def _dedupe(configs):
   for name, variant in configs:
     pol, args, budget, c = _controller_search(name, variant)
     cfg = load_config(name, variant)
-    signature = (pol.kind, pol.search, pipeline.build_space(cfg).candidate_mask().tobytes(),
+    signature = (pol.kind, pol.search, families.build_space(cfg).candidate_mask().tobytes(),
                  budget, tuple(sorted(c.items())))
     if signature not in seen:
       seen.add(signature)
@@ -62,7 +63,7 @@ def test_default_controller_finds_a_planted_per_node_target_within_its_budget(na
   """A per-node random target: the greedy decode matches >= 90% of the nodes before the
   config's search would end."""
   pol, args, budget, c = _controller_search(name, variant)
-  mask = pipeline.build_space(load_config(name, variant)).candidate_mask()
+  mask = families.build_space(load_config(name, variant)).candidate_mask()
   result = planted.planted_search(
       pol, train.controller_optimizer(c), planted.random_target(mask, seed=0), budget=budget,
       num_aggregate=c.num_aggregate, entropy_weight=c.entropy_weight,

@@ -20,10 +20,12 @@ import pytest
 import scipy.stats
 
 from nar_jax import config as config_lib
-from nar_jax import counting, data, evaluate, joint, pipeline
+from nar_jax import data, evaluate, families, joint, pipeline, tasks
+from nar_jax.phases import context, retrain, supernet
 from config_testing import load_config
 from test_configs import VARIANTS
-from test_pipeline import REPO, read_json, run_tiny, tiny_config, tiny_space
+from test_pipeline import REPO, read_json, run_tiny, tiny_config, tiny_space, tiny_space_family
+import model_testing
 
 NUM_RANDOM = 3
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -34,8 +36,7 @@ def tiny_run_config():
 
 
 def evaluate_tiny(workdir, num_random=NUM_RANDOM, config=None):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, 'build_space', tiny_space)
+  with tiny_space_family():
     return evaluate.evaluate(workdir, num_random, config)
 
 
@@ -49,22 +50,22 @@ def evaluated(tmp_path_factory, compile_cache):
   workdir = str(tmp_path_factory.mktemp('run'))
   run_tiny(tiny_run_config(), workdir)
   retrained = []
-  real_run_retrain = pipeline.run_retrain
+  real_run_retrain = retrain.run
 
-  def interrupt_second_random(exp, name, arch):
+  def interrupt_second_random(ctx, nets, name, arch):
     if name.startswith('random_') and len(retrained) == 1:
       raise Interrupted(name)
     retrained.append(name)
-    return real_run_retrain(exp, name, arch)
+    return real_run_retrain(ctx, nets, name, arch)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, 'run_retrain', interrupt_second_random)
+    mp.setattr(retrain, 'run', interrupt_second_random)
     with pytest.raises(Interrupted):
       evaluate_tiny(workdir)
   interrupted = list(retrained)
   retrained.clear()
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, 'run_retrain', lambda *a: retrained.append(a[1]) or real_run_retrain(*a))
+    mp.setattr(retrain, 'run', lambda *a: retrained.append(a[2]) or real_run_retrain(*a))
     result = evaluate_tiny(workdir)
   directory = os.path.join(workdir, evaluate.EVALUATION_DIR)
   with open(os.path.join(directory, 'evaluation.md')) as f:
@@ -113,7 +114,7 @@ def test_evaluation_files_agree_and_are_measured(evaluated):
   assert len(set(vectors[2:])) == NUM_RANDOM and not set(vectors[2:]) & set(vectors[:2])
   splits = data.load_splits('synthetic')
   for r in rows:
-    counts = counting.count_architecture(tiny_space(), r['op_indices'], splits.image_shape[:2],
+    counts = model_testing.count_architecture(tiny_space(), r['op_indices'], splits.image_shape[:2],
                                          splits.image_shape[2], splits.num_classes)
     assert (r['params'], r['macs']) == (counts.params, counts.macs)
     assert 0 <= r['valid_acc'] <= 1 and 0 <= r['accuracy'] <= 1
@@ -168,8 +169,8 @@ def test_rerun_of_a_finished_evaluation_measures_nothing(evaluated, monkeypatch)
   def must_not_measure(*args, **kwargs):
     raise AssertionError('a finished evaluation measured again')
 
-  monkeypatch.setattr(pipeline, 'run_retrain', must_not_measure)
-  monkeypatch.setattr(pipeline, 'supernet_eval_step', must_not_measure)
+  monkeypatch.setattr(retrain, 'run', must_not_measure)
+  monkeypatch.setattr(supernet, 'eval_step', must_not_measure)
   os.remove(os.path.join(evaluated.workdir, 'evaluation', 'evaluation.md'))
   assert evaluate_tiny(evaluated.workdir) == evaluated.result
   with open(os.path.join(evaluated.workdir, 'evaluation', 'evaluation.md')) as f:
@@ -177,7 +178,7 @@ def test_rerun_of_a_finished_evaluation_measures_nothing(evaluated, monkeypatch)
 
 
 def test_a_run_without_config_json_takes_its_config_file(evaluated, monkeypatch):
-  monkeypatch.setattr(pipeline, 'run_retrain', None)  # nothing is retrained
+  monkeypatch.setattr(retrain, 'run', None)  # nothing is retrained
   path = os.path.join(evaluated.workdir, pipeline.CONFIG_FILE)
   os.remove(path)
   with pytest.raises(ValueError, match=r'predates config\.json.*--config='):
@@ -199,39 +200,39 @@ def test_every_config_file_round_trips_through_config_json(tmp_path, name, varia
 
 
 def test_random_architectures_are_a_prefix_of_a_longer_draw(evaluated):
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, 'build_space', tiny_space)
-    exp = pipeline.setup(evaluate.load_run_config(evaluated.workdir), evaluated.workdir)
-  exclude = (exp.space.baseline(), tuple(evaluated.arch['op_indices']))
-  five = evaluate.random_architectures(exp, 5, exclude)
+  with tiny_space_family():
+    ctx, nets = pipeline.setup(evaluate.load_run_config(evaluated.workdir), evaluated.workdir)
+  exclude = (nets.space.baseline(), tuple(evaluated.arch['op_indices']))
+  five = evaluate.random_architectures(ctx, nets, 5, exclude)
   assert [list(a) for a in five[:NUM_RANDOM]] == [r['op_indices']
                                                   for r in evaluated.json['rows'][2:]]
   assert len(set(five)) == 5 and not set(five) & set(exclude)
-  available = evaluate.space_size(exp.space) - len(set(exclude))
-  assert evaluate.space_size(exp.space) == 2 ** 4
+  available = nets.family.space_size(nets.space) - len(set(exclude))
+  assert nets.family.space_size(nets.space) == 2 ** 4
   with pytest.raises(ValueError, match=f'exceeds the {available} architectures'):
-    evaluate.random_architectures(exp, available + 1, exclude)
+    evaluate.random_architectures(ctx, nets, available + 1, exclude)
 
 
 def test_random_architectures_of_a_joint_space():
   config = tiny_config(**{'model.base': 'enas_macro', 'model.num_layers': 3})
   space = joint.joint_space(3, 4)
-  exp = pipeline.Experiment(config, None, None, space, None, None, jax.random.PRNGKey(0))
-  assert evaluate.space_size(space) == 6 ** 3 * 2 ** 3
-  archs = evaluate.random_architectures(exp, 6, (space.baseline(),))
+  ctx = context.Context(config, None, None, None, jax.random.PRNGKey(0))
+  nets = context.Networks(config, families.macro.FAMILY, tasks.task_for(config), space, None)
+  assert nets.family.space_size(space) == 6 ** 3 * 2 ** 3
+  archs = evaluate.random_architectures(ctx, nets, 6, (space.baseline(),))
   assert len(set(archs)) == 6 and space.baseline() not in archs
   assert all(space.validate(a) == a and len(a) == space.arch_length for a in archs)
-  assert archs == evaluate.random_architectures(exp, 6, (space.baseline(),))
+  assert archs == evaluate.random_architectures(ctx, nets, 6, (space.baseline(),))
 
 
 def test_random_retrains_get_distinct_deterministic_keys():
-  exp = pipeline.Experiment(None, None, None, None, None, None, jax.random.PRNGKey(0))
-  keys = [jax.random.key_data(exp.key(f'retrain_random_{i:02d}')).tolist() for i in range(3)]
-  named = [jax.random.key_data(exp.key(p)).tolist() for p in pipeline._PHASE_KEYS]
+  ctx = context.Context(None, None, None, None, jax.random.PRNGKey(0))
+  keys = [jax.random.key_data(ctx.key(f'retrain_random_{i:02d}')).tolist() for i in range(3)]
+  named = [jax.random.key_data(ctx.key(p)).tolist() for p in context.PHASE_KEYS]
   assert len({str(k) for k in keys + named}) == len(keys) + len(named)
-  assert jax.random.key_data(exp.key('retrain_random_01')).tolist() == keys[1]
+  assert jax.random.key_data(ctx.key('retrain_random_01')).tolist() == keys[1]
   with pytest.raises(KeyError):
-    exp.key('retrain_random_x')
+    ctx.key('retrain_random_x')
 
 
 # ---------------------------------------------------------------------------------------

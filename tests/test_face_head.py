@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 from nar_jax import config as config_lib
-from nar_jax import counting, joint, margins, space
-from nar_jax.models import macro, resnet
+from nar_jax import joint, margins, space, tasks
+from nar_jax.models import macro, nodes
 from nar_jax.models.face_head import FaceHead
 from nar_jax.models.macro import MacroNet
 from nar_jax.models.resnet import ResNet
 
 from model_testing import random_variables
+import model_testing
 
 NUM_CLASSES = 5
 EMBEDDING = 16
@@ -45,7 +46,7 @@ def _net(kind, sp, arch=None, **kwargs):
 
 def _select(kind, variables, arch, sp):
   if kind == 'resnet':
-    return resnet.select_branches(variables, arch)
+    return nodes.select_branches(variables, arch)
   return macro.select_branches(variables, arch, sp)
 
 
@@ -154,7 +155,7 @@ def _param_count(tree):
 def test_counts_match_initialised_face_networks(kind, hw):
   sp = _resnet_space() if kind == 'resnet' else _macro_space()
   images = jnp.zeros((2, *hw, 3), jnp.float32)
-  count = counting.count_architecture if kind == 'resnet' else counting.count_joint_architecture
+  count = model_testing.count_architecture if kind == 'resnet' else model_testing.count_architecture
   for arch in _archs(kind, sp):
     shapes = jax.eval_shape(
         lambda x, arch=arch: _net(kind, sp, arch=arch).init(jax.random.key(0), x, train=False),
@@ -190,20 +191,17 @@ def test_face_head_errors():
   with pytest.raises(ValueError, match='embedding size must be positive'):
     jax.eval_shape(lambda x: FaceHead(NUM_CLASSES, 0).init(jax.random.key(0), x, train=False),
                    images)
-  ir = space.ir_space(18, width=0.0625)
-  with pytest.raises(ValueError, match='embedding_size=None'):
-    counting.count_architecture(ir, ir.baseline(), (16, 16), 3, 0, embedding_size=16)
 
 
 def test_config_face_head_needs_a_face_dataset():
   c = config_lib.base_config()
-  assert not config_lib.is_face_network(c)
+  assert tasks.task_for(c).name == 'classification'
   c.model.head = 'face'
   with pytest.raises(ValueError, match="model.head='face' trains face networks"):
     config_lib.validate(c)
   c.dataset.name = 'synthetic_faces'
   config_lib.validate(c)
-  assert config_lib.is_face_network(c)
+  assert tasks.task_for(c).name == 'faces'
   c.model.embedding_size = 0
   with pytest.raises(ValueError, match='config.model.embedding_size must be positive'):
     config_lib.validate(c)
@@ -211,4 +209,4 @@ def test_config_face_head_needs_a_face_dataset():
   with pytest.raises(ValueError, match="config.model.head must be 'softmax' or 'face'"):
     config_lib.validate(c)
   c.model.head, c.model.base = 'softmax', 'ir18'
-  assert config_lib.is_face_network(c)  # IR bases always have the face head
+  assert tasks.task_for(c).name == 'faces'  # IR bases always have the face head

@@ -23,8 +23,10 @@ import pytest
 from nar_jax import config as config_lib
 from nar_jax import controller, pipeline, space, train, verification
 from nar_jax.models.iresnet import IResNet
+from nar_jax import families
 
 from config_testing import load_config
+import model_testing
 
 
 def face_config(variant=None):
@@ -80,10 +82,10 @@ def test_smoke_pipeline_reports_verification_of_both_networks(smoke_run):
 def test_smoke_pipeline_counts_ir_networks_without_the_classifier(smoke_run):
   workdir, result = smoke_run
   config = smoke_config(**SMOKE_RUN)
-  s = pipeline.build_space(config)
+  s = families.build_space(config)
   size = config.dataset.synthetic.image_size
   for name in ('baseline', 'refined'):
-    counts = pipeline.counting.count_architecture(s, result[name]['arch'], (size, size), 3, 0)
+    counts = model_testing.count_architecture(s, result[name]['arch'], (size, size), 3, 0)
     assert (result[name]['params'], result[name]['macs']) == (counts.params, counts.macs)
 
 
@@ -166,7 +168,7 @@ def test_face_config_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match='data_dir'):
     config_lib.validate(smoke_config(**{'dataset.name': 'faces'}))
   with pytest.raises(ValueError, match="'ir18', 'ir34'"):
-    pipeline.build_space(smoke_config(**{'model.base': 'irx'}))
+    families.build_space(smoke_config(**{'model.base': 'irx'}))
 
 
 def test_face_variants_build_and_validate():
@@ -175,9 +177,9 @@ def test_face_variants_build_and_validate():
     if c.dataset.name == 'faces':
       c.dataset.data_dir = '/data/faces_emore'
     config_lib.validate(c)
-  assert pipeline.build_space(c).num_nodes == 16  # smoke: IR-18
+  assert families.build_space(c).num_nodes == 16  # smoke: IR-18
   full = face_config()
-  assert pipeline.build_space(full).num_nodes == 48
+  assert families.build_space(full).num_nodes == 48
   with pytest.raises(ValueError, match='unknown variant'):
     face_config('nope')
 

@@ -485,13 +485,13 @@ def test_split_batches_and_merge_with_lazy_images(records):
 
 
 def test_prefetch_keeps_order_and_raises():
-  assert list(faces.prefetch(iter(range(20)), size=3)) == list(range(20))
+  assert list(data.prefetch(iter(range(20)), size=3)) == list(range(20))
 
   def failing():
     yield 1
     raise RuntimeError('boom')
 
-  it = faces.prefetch(failing())
+  it = data.prefetch(failing())
   assert next(it) == 1
   with pytest.raises(RuntimeError, match='boom'):
     next(it)
@@ -504,13 +504,13 @@ def test_prefetch_keeps_order_and_raises():
       yield i
       i += 1
 
-  it = faces.prefetch(endless(), size=2)
+  it = data.prefetch(endless(), size=2)
   assert next(it) == 0
   it.close()  # Stops the producer: it runs at most a few items ahead.
   threading.Event().wait(0.3)
   assert len(produced) <= 5
   with pytest.raises(ValueError, match='positive int'):
-    faces.prefetch(iter([]), size=0)
+    data.prefetch(iter([]), size=0)
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import pytest
 
 from nar_jax import controller, margins, ops, space
 from nar_jax.models.iresnet import IResNet
-from nar_jax.models.resnet import ResNet, branch_mask, select_branches
+from nar_jax.models.nodes import branch_mask, select_branches
+from nar_jax.models.resnet import ResNet
 
 from model_testing import random_variables, assert_gradients_follow_mask
 

@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from nar_jax import controller, joint, ops, reinforce
-from nar_jax.models import macro, resnet
+from nar_jax.models import macro, nodes
 
 from model_testing import random_variables, leaf_paths, assert_gradients_follow_mask
 
@@ -487,7 +487,7 @@ def test_branch_mask_matches_select_branches(setup):
       assert true_paths == leaf_paths(macro.select_branches(tree, arch, sp))
   # resnet.branch_mask on the op indices alone freezes the op branches the same way.
   arch = jnp.asarray(setup.archs[1])
-  ops_only = resnet.branch_mask(setup.variables['params'], joint.split(arch, 6)[0])
+  ops_only = nodes.branch_mask(setup.variables['params'], joint.split(arch, 6)[0])
   full = macro.branch_mask(setup.variables['params'], arch, sp)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ops_only), jax.tree.leaves(full)):
     if 'reduce' not in jax.tree_util.keystr(path):

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from nar_jax import controller, ops, space
-from nar_jax.models.resnet import ResNet, branch_mask, select_branches
+from nar_jax.models.nodes import branch_mask, select_branches
+from nar_jax.models.resnet import ResNet
 
 from model_testing import random_variables, leaf_paths, assert_gradients_follow_mask
 

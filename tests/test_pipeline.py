@@ -2,7 +2,7 @@
 
 Speed. XLA:CPU needs tens of seconds to compile the steps of even a 0.0625-wide
 ResNet-18 supernet, so the training runs here swap the config's search space for a
-tiny 4-node ResNet (``pipeline.build_space`` patched; everything else is the real
+tiny 4-node ResNet (the ``resnet`` family with a tiny space; everything else is the real
 config path), and the module enables JAX's persistent compilation cache in a
 temporary directory: the first run compiles, the later runs (interrupted, resumed)
 load the same executables instead of compiling them again. The error tests use the
@@ -11,6 +11,7 @@ real ``build_space``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -21,8 +22,11 @@ import numpy as np
 import pytest
 
 from nar_jax import config as config_lib
-from nar_jax import counting, data, ops, pipeline, train
+from nar_jax import data, ops, pipeline, train
 from nar_jax.space import Node, SearchSpace, Stage
+from nar_jax import families
+from nar_jax.phases import retrain
+import model_testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANDIDATES = ('conv3x3', 'max3x3')
@@ -66,10 +70,19 @@ def tiny_config(**overrides):
   return c
 
 
+@contextlib.contextmanager
+def tiny_space_family():
+  """The ``resnet`` family with :func:`tiny_space` as its space, registered while inside."""
+  families.register(families.resnet.FAMILY._replace(space=tiny_space))
+  try:
+    yield
+  finally:
+    families.register(families.resnet.FAMILY)
+
+
 def run_tiny(config, workdir):
   """``pipeline.run`` with the tiny search space."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(pipeline, 'build_space', tiny_space)
+  with tiny_space_family():
     return pipeline.run(config, str(workdir))
 
 
@@ -123,7 +136,7 @@ def test_run_writes_report_with_counted_params_and_macs(finished):
     assert isinstance(entry['params'], int) and isinstance(entry['macs'], int)
     assert isinstance(entry['valid_acc'], float) and 0 <= entry['valid_acc'] <= 1
     assert isinstance(entry['test_acc'], float) and 0 <= entry['test_acc'] <= 1
-    counts = counting.count_architecture(space, entry['arch'], splits.image_shape[:2],
+    counts = model_testing.count_architecture(space, entry['arch'], splits.image_shape[:2],
                                          splits.image_shape[2], splits.num_classes)
     assert (entry['params'], entry['macs']) == (counts.params, counts.macs)
   assert report['baseline']['arch'] == ['conv3x3'] * space.num_nodes
@@ -218,8 +231,8 @@ def test_rerun_of_a_finished_workdir_trains_nothing(finished, monkeypatch, capsy
 def test_retraining_trains_on_train_and_valid_once_per_epoch(tmp_path, monkeypatch):
   """Retraining (the paper: on train + valid) feeds its train steps every train and every
   valid example once per epoch, and no test example. The steps are recorded, not run."""
-  monkeypatch.setattr(pipeline, 'build_space', tiny_space)
-  exp = pipeline.setup(tiny_config(**{'retrain.epochs': 2}), str(tmp_path))
+  with tiny_space_family():
+    ctx, nets = pipeline.setup(tiny_config(**{'retrain.epochs': 2}), str(tmp_path))
   seen = []
 
   def recording_step(*args, **kwargs):
@@ -229,12 +242,12 @@ def test_retraining_trains_on_train_and_valid_once_per_epoch(tmp_path, monkeypat
       del key, sampler_params
       seen.append((np.asarray(images), np.asarray(labels)))
       zero = np.float32(0)
-      return state, {'loss': zero, 'accuracy': zero}
+      return state, {'loss': zero, 'accuracy': zero, 'finite': np.bool_(True)}
     return step
 
   monkeypatch.setattr(train, 'make_train_step', recording_step)
-  result = pipeline.run_retrain(exp, 'refined', exp.space.baseline())
-  splits = exp.splits
+  result = retrain.run(ctx, nets, 'refined', nets.space.baseline())
+  splits = nets.splits
   rows = lambda images: {bytes(x) for x in images.reshape(len(images), -1)}
   train_and_valid = len(splits.train) + len(splits.valid)
   per_epoch = data.num_batches(data.merge(splits.train, splits.valid), 64)
@@ -373,7 +386,7 @@ def test_report_does_not_claim_an_untrained_baseline_accuracy(two_devices):
 
 def test_config_arch_with_an_unknown_op_is_rejected(tmp_path):
   config = tiny_config()
-  num_nodes = pipeline.build_space(config).num_nodes
+  num_nodes = families.build_space(config).num_nodes
   config.arch = ','.join(['conv3x3'] * (num_nodes - 1) + ['conv7x7'])
   with pytest.raises(ValueError, match=r"unknown op 'conv7x7'.*conv3x3"):
     pipeline.run(config, str(tmp_path))
@@ -382,14 +395,14 @@ def test_config_arch_with_an_unknown_op_is_rejected(tmp_path):
 
 def test_config_arch_of_the_wrong_length_is_rejected(tmp_path):
   config = tiny_config(arch='conv3x3,sep3x3')
-  num_nodes = pipeline.build_space(config).num_nodes
+  num_nodes = families.build_space(config).num_nodes
   with pytest.raises(ValueError, match=rf'has 2 entries .* has {num_nodes} nodes'):
     pipeline.run(config, str(tmp_path))
 
 
 def test_config_arch_with_a_disallowed_op_is_rejected(tmp_path):
   config = tiny_config()
-  space = pipeline.build_space(config)
+  space = families.build_space(config)
   node = next(i for i, n in enumerate(space.nodes) if 'conv5x5' not in n.candidates)
   arch = ['conv3x3'] * space.num_nodes
   arch[node] = 'conv5x5'
@@ -399,7 +412,7 @@ def test_config_arch_with_a_disallowed_op_is_rejected(tmp_path):
 
 
 def test_space_validate_rejects_out_of_range_indices():
-  space = pipeline.build_space(tiny_config())
+  space = families.build_space(tiny_config())
   good = list(space.baseline())
   assert space.validate(good) == tuple(good)
   assert space.validate(np.asarray(good)) == tuple(good)

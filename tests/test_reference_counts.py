@@ -1,13 +1,14 @@
 """The README's exact parameter and MAC counts, pinned against an independent derivation.
 
 The derivation below is plain arithmetic over the layers of each network as the README
-describes it ("Search spaces and operators", "Faces"), written without nar_jax.counting or
-nar_jax.ops: a bias-free KxK conv has ``K*K*(C_in/groups)*C_out`` weights and as many MACs
-per output pixel, a BatchNorm has a scale and a bias per channel, a PReLU a slope per
-channel, a dense layer weights and a bias (MACs: weights). The counts must equal
-nar_jax.counting's exactly, and the params the initialised Flax model's (by
-``jax.eval_shape``, no compute). A missing shortcut projection or embedding layer changes
-the derived numbers (tested), so the pins are tight.
+describes it ("Search spaces and operators", "Faces"), written without nar_jax.counting,
+nar_jax.families or nar_jax.ops: a bias-free KxK conv has ``K*K*(C_in/groups)*C_out``
+weights and as many MACs per output pixel, a BatchNorm has a scale and a bias per channel,
+a PReLU a slope per channel, a dense layer weights and a bias (MACs: weights). The counts
+must equal the analytic counts exactly (``model_testing.count_architecture``: the family's
+count), and the params the initialised Flax model's (by ``jax.eval_shape``, no compute). A
+missing shortcut projection or embedding layer changes the derived numbers (tested), so the
+pins are tight.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nar_jax import counting, space
+from nar_jax import space
 from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet
+
+from model_testing import count_architecture
 
 
 class Counts(NamedTuple):
@@ -132,7 +135,7 @@ def test_pins_are_tight(variant):
 
 def test_cifar_resnet18_counts_exactly():
   sp = space.resnet_space('resnet18', 'conv')
-  counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
+  counts = count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
   assert (counts.params, counts.macs) == cifar_resnet18()
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   model = ResNet(sp, 10, arch=sp.baseline())
@@ -147,7 +150,7 @@ def test_lresnet50e_ir_counts_exactly(conv1):
   sp = space.ir_space(50)
   arch = sp.names(sp.baseline()) if conv1 == 'conv3x3' else _sep_at_every_conv1(sp)
   expected = lresnet50e_ir(conv1)
-  counts = counting.count_architecture(sp, arch, (112, 112), 3, 0)
+  counts = count_architecture(sp, arch, (112, 112), 3, 0)
   assert (counts.params, counts.macs) == expected
   images = jax.ShapeDtypeStruct((1, 112, 112, 3), jnp.float32)
   model = IResNet(sp, 7, arch=sp.validate(arch))

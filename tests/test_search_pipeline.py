@@ -20,13 +20,16 @@ import numpy as np
 import optax
 import pytest
 
-from nar_jax import alternating, controller, counting, joint, pipeline, plots, policy, space, train
+from nar_jax import alternating, controller, data, joint, pipeline, plots, policy, space, train
 from nar_jax import config as config_lib
 from nar_jax import transfer
 from nar_jax.models.macro import MacroNet
 from nar_jax.ops import OP_NAMES
+from nar_jax import families
+from nar_jax.tasks import faces as face_task
 
 from config_testing import load_config
+import model_testing
 
 K = len(OP_NAMES)
 LAYERS = 3
@@ -81,7 +84,7 @@ def nasarch(tmp_path_factory, compile_cache):
 
 
 def test_nasarch_smoke_writes_a_joint_architecture_and_report(nasarch):
-  space = pipeline.build_space(nasarch.config)
+  space = families.build_space(nasarch.config)
   assert space.name == f'enas_macro-{LAYERS}' and space.candidates == ('conv3x3', 'max3x3')
   arch = nasarch.arch
   flat = space.validate(arch['arch'])  # readable form: one {'op', 'skips'} per layer
@@ -91,7 +94,7 @@ def test_nasarch_smoke_writes_a_joint_architecture_and_report(nasarch):
   refined = nasarch.result['refined']
   assert refined['arch'] == arch['arch']
   assert 0 <= refined['test_acc'] <= 1
-  counts = counting.count_joint_architecture(space, flat, (16, 16), 3, 10)
+  counts = model_testing.count_architecture(space, flat, (16, 16), 3, 10)
   assert (refined['params'], refined['macs']) == (counts.params, counts.macs)
   assert nasarch.result['baseline']['test_acc'] is None  # retrain.baseline is off
   md = nasarch.report_md
@@ -163,13 +166,13 @@ def test_joint_counts_equal_the_fixed_network_parameters(widen):
     shapes = jax.eval_shape(lambda: MacroNet(space, 7, arch=arch).init(
         jax.random.key(0), jnp.zeros((1, 12, 10, 1)), train=False))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
-    assert counting.count_joint_architecture(space, arch, (12, 10), 1, 7).params == params
+    assert model_testing.count_architecture(space, arch, (12, 10), 1, 7).params == params
 
 
 def test_joint_macs_by_hand():
   """One layer, no pools: stem 3x3 (3->4), branch 1x1 (4->4), conv3x3 (4->4), head 4->2."""
   space = joint.joint_space(1, 4, pool_layers=())
-  counts = counting.count_joint_architecture(space, [0], (5, 5), 3, 2)
+  counts = model_testing.count_architecture(space, [0], (5, 5), 3, 2)
   hw = 25
   macs = 27 * 4 * hw + 16 * hw + 36 * 4 * hw + 8
   params = 27 * 4 + 8 + 16 + 8 + 36 * 4 + 8 + 8 + 2
@@ -179,22 +182,22 @@ def test_joint_macs_by_hand():
 def test_config_arch_forms_of_the_joint_space(tmp_path):
   config = tiny(load_config('cifar_nasarch', 'smoke'))
   config.arch = 'baseline'
-  exp = pipeline.setup(config, str(tmp_path))
-  space = exp.space
+  _, nets = pipeline.setup(config, str(tmp_path))
+  space = nets.space
   arch = (4, 0, 1, 0, 1, 1)
   names = space.names(arch)
   path = tmp_path / 'arch.json'
   path.write_text(json.dumps({'arch': names}))
-  assert exp.parse_arch('baseline') == space.baseline()
-  assert exp.parse_arch(str(path)) == arch
-  assert exp.parse_arch(json.dumps(names)) == arch
-  assert exp.parse_arch('4,0,1,0,1,1') == arch
+  assert nets.parse_arch('baseline') == space.baseline()
+  assert nets.parse_arch(str(path)) == arch
+  assert nets.parse_arch(json.dumps(names)) == arch
+  assert nets.parse_arch('4,0,1,0,1,1') == arch
   with pytest.raises(ValueError, match='comma-separated integers'):
-    exp.parse_arch('conv3x3,max3x3')
+    nets.parse_arch('conv3x3,max3x3')
   with pytest.raises(ValueError, match='does not exist'):
-    exp.parse_arch(str(tmp_path / 'missing.json'))
+    nets.parse_arch(str(tmp_path / 'missing.json'))
   with pytest.raises(ValueError, match='0 or 1'):
-    exp.parse_arch('4,0,2,0,1,1')
+    nets.parse_arch('4,0,2,0,1,1')
 
 
 def test_alternating_needs_the_joint_space():
@@ -215,10 +218,10 @@ def test_face_classification_splits_are_disjoint_and_cover_every_identity():
   rng.shuffle(labels)
   images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones(
       (1, 2, 2, 3), np.uint8)
-  train_split = pipeline.data.Split(images, labels)
-  test = pipeline.data.Split(np.zeros((5, 2, 2, 3), np.uint8), np.arange(5, dtype=np.int32))
-  splits = pipeline.data.Splits(train_split, test, test, 5, (0.5,) * 3, (0.25,) * 3)
-  out = pipeline.face_classification_splits(splits, 2)
+  train_split = data.Split(images, labels)
+  test = data.Split(np.zeros((5, 2, 2, 3), np.uint8), np.arange(5, dtype=np.int32))
+  splits = data.Splits(train_split, test, test, 5, (0.5,) * 3, (0.25,) * 3)
+  out = face_task.identity_splits(splits, 2)
   assert out.test is test
   train_ids, valid_ids = out.train.images[:, 0, 0, 0], out.valid.images[:, 0, 0, 0]
   assert not set(train_ids) & set(valid_ids)
@@ -226,7 +229,7 @@ def test_face_classification_splits_are_disjoint_and_cover_every_identity():
   np.testing.assert_array_equal(np.bincount(out.valid.labels), [2] * 5)
   np.testing.assert_array_equal(labels[train_ids], out.train.labels)
   with pytest.raises(ValueError, match='no training image'):
-    pipeline.face_classification_splits(splits, 6)
+    face_task.identity_splits(splits, 6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,13 +495,13 @@ def test_transfer_study_small_version_writes_its_table(tmp_path, compile_cache):
       assert report['refined']['verification'] == row['verification']
       v = row['verification']['synthetic']
       assert 0 <= v['accuracy'] <= 1 and v['accuracy_std'] >= 0
-  assert rows['nas_arch', 'A']['params'] == counting.count_joint_architecture(
+  assert rows['nas_arch', 'A']['params'] == model_testing.count_architecture(
       joint.joint_space(3, 4), [2, 0, 1, 4, 0, 1], (16, 16), 3, 10).params
   # Task B counts the face head without its classifier (64-feature embedding).
-  assert rows['nas_arch', 'B']['params'] == counting.count_joint_architecture(
+  assert rows['nas_arch', 'B']['params'] == model_testing.count_architecture(
       joint.joint_space(3, 4), [2, 0, 1, 4, 0, 1], (16, 16), 3, 0, 64).params
   resnet20 = space.resnet_space('resnet20_wide', 'conv', 0.0625)
-  assert rows['resnet20_wide', 'B']['params'] == counting.count_architecture(
+  assert rows['resnet20_wide', 'B']['params'] == model_testing.count_architecture(
       resnet20, resnet20.baseline(), (16, 16), 3, 0, 64).params
   assert read_json(tmp_path / 'transfer.json') == json.loads(json.dumps(result))
   md = (tmp_path / 'transfer.md').read_text()

@@ -18,8 +18,9 @@ import optax
 import pytest
 
 from nar_jax import config as config_lib
-from nar_jax import controller, counting, joint, ops, policy, reinforce, space, train
+from nar_jax import controller, joint, ops, policy, reinforce, space, train
 from tests.test_pipeline import read_json, read_metrics, records, run_tiny, tiny_config
+import model_testing
 
 QUICKSTART_SPACE = space.resnet_space('resnet18', 'conv', 0.125, 'paper')
 MNIST = dict(image_hw=(28, 28), in_channels=1, num_classes=10)
@@ -43,20 +44,20 @@ def _random_archs(sp, count, seed=0):
     (space.ir_space(18, 1 / 16), (32, 32), 3, 0, None),
 ])
 def test_macs_model_equals_the_analytic_counts(sp, hw, channels, classes, embedding):
-  macs = jax.jit(counting.macs_model(sp, hw, channels, classes, embedding))
+  macs = jax.jit(model_testing.macs_model(sp, hw, channels, classes, embedding))
   for arch in _random_archs(sp, 12) + [sp.baseline()]:
-    exact = counting.count_architecture(sp, arch, hw, channels, classes, embedding).macs
+    exact = model_testing.count_architecture(sp, arch, hw, channels, classes, embedding).macs
     np.testing.assert_allclose(float(macs(jnp.asarray(arch))), exact, rtol=1e-6)
 
 
 def test_macs_model_of_the_joint_space_counts_the_reductions_its_skips_need():
   sp = joint.joint_space(6, 8)
-  macs = jax.jit(counting.macs_model(sp, (28, 28), 1, 10))
+  macs = jax.jit(model_testing.macs_model(sp, (28, 28), 1, 10))
   mask = jnp.asarray(sp.candidate_mask())
   seen = set()
   for i in range(16):
     arch = tuple(int(a) for a in controller.uniform_sample_joint(jax.random.key(i), mask))
-    exact = counting.count_joint_architecture(sp, arch, (28, 28), 1, 10).macs
+    exact = model_testing.count_architecture(sp, arch, (28, 28), 1, 10).macs
     seen.add(exact)
     np.testing.assert_allclose(float(macs(jnp.asarray(arch))), exact, rtol=1e-6)
   assert len(seen) > 8  # the architectures differ in their costs
@@ -71,10 +72,10 @@ def test_cost_aware_reward_is_mnasnets_formula_on_hand_made_architectures():
   names = [['conv3x3'] * 16, ['sep3x3'] * 16, ['conv3x3'] * 8 + ['max3x3'] * 8,
            ['sep5x5', 'avg3x3'] * 8]
   archs = [QUICKSTART_SPACE.validate(n) for n in names]
-  macs_of = counting.macs_model(QUICKSTART_SPACE, **MNIST)
-  target, weight = 0.7 * counting.count_architecture(QUICKSTART_SPACE, archs[0], **MNIST).macs, -0.07
+  macs_of = model_testing.macs_model(QUICKSTART_SPACE, **MNIST)
+  target, weight = 0.7 * model_testing.count_architecture(QUICKSTART_SPACE, archs[0], **MNIST).macs, -0.07
   accuracy = np.array([0.9, 0.8, 0.85, 0.7])
-  exact_macs = np.array([counting.count_architecture(QUICKSTART_SPACE, a, **MNIST).macs
+  exact_macs = np.array([model_testing.count_architecture(QUICKSTART_SPACE, a, **MNIST).macs
                          for a in archs], np.float64)
   expected = accuracy * np.power(exact_macs / target, weight)
   got = reinforce.cost_aware_reward(jnp.asarray(accuracy, jnp.float32),
@@ -102,7 +103,7 @@ def _quickstart_search(target_fraction):
   """``(policy, macs_of, cost)``: an ENAS policy over the quickstart space and MnasNet's
   soft constraint at ``target_fraction`` of the baseline's MACs."""
   pol = policy.operator_policy(QUICKSTART_SPACE.candidate_mask(), 1.5, 16)
-  macs_of = counting.macs_model(QUICKSTART_SPACE, **MNIST)
+  macs_of = model_testing.macs_model(QUICKSTART_SPACE, **MNIST)
   baseline_macs = float(macs_of(jnp.asarray(QUICKSTART_SPACE.baseline())))
   return pol, macs_of, reinforce.CostReward(macs_of, target_fraction * baseline_macs, -0.07, -0.07)
 
@@ -118,7 +119,7 @@ def test_the_update_rewards_each_sample_with_its_cost_factor():
   # The same samples, drawn as the update draws them.
   samples = jax.vmap(lambda k: pol.sample(state.params, k))(jax.random.split(key, 8))
   archs = np.asarray(samples.arch)
-  exact_macs = np.array([counting.count_architecture(QUICKSTART_SPACE, tuple(a), **MNIST).macs
+  exact_macs = np.array([model_testing.count_architecture(QUICKSTART_SPACE, tuple(a), **MNIST).macs
                          for a in archs], np.float64)
   accuracy = np.mean(archs == 0, axis=1)
   expected = (accuracy * (exact_macs / cost.target_macs) ** cost.weight

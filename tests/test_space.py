@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nar_jax import counting, ops, space
+from nar_jax import ops, space
 from nar_jax.models.iresnet import IResNet
 from nar_jax.models.resnet import ResNet
+import model_testing
 
 ALL_OPS = set(ops.OP_NAMES)
 PAPER_RESNET_CANDIDATES = ('conv3x3', 'sep3x3', 'sep5x5', 'max3x3', 'avg3x3')
@@ -125,11 +126,11 @@ def test_resnet18_reference_counts(granularity):
   """CIFAR ResNet-18 (32x32x3, 10 classes): 11.17M params, 0.556 G MACs (README, "Search
   spaces and operators")."""
   sp = space.resnet_space('resnet18', granularity)
-  counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
+  counts = model_testing.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
   assert abs(counts.params - 11.17e6) <= 0.005 * 11.17e6, counts
   assert abs(counts.macs - 0.556e9) <= 0.005 * 0.556e9, counts
   # Names and indices describe the same network.
-  assert counting.count_architecture(sp, ['conv3x3'] * sp.num_nodes, (32, 32), 3, 10) == counts
+  assert model_testing.count_architecture(sp, ['conv3x3'] * sp.num_nodes, (32, 32), 3, 10) == counts
 
 
 def test_count_architecture_baseline_by_hand():
@@ -145,7 +146,7 @@ def test_count_architecture_baseline_by_hand():
       cin = c
   expected += 512 * 10 + 10
   sp = space.resnet_space('resnet18', 'conv')
-  assert counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10).params == expected
+  assert model_testing.count_architecture(sp, sp.baseline(), (32, 32), 3, 10).params == expected
 
 
 @pytest.mark.parametrize('base,granularity,rule,width', [
@@ -167,7 +168,7 @@ def test_analytic_params_equal_initialised_fixed_network(base, granularity, rule
   for arch in archs:
     model = ResNet(sp, 7, arch=arch)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-    analytic = counting.count_architecture(sp, arch, (15, 15), 3, 7)
+    analytic = model_testing.count_architecture(sp, arch, (15, 15), 3, 7)
     assert _num_params(variables['params']) == analytic.params, sp.names(arch)
 
 
@@ -181,12 +182,12 @@ def test_paper_rule_never_grows_the_network(make_space):
   """Under 'paper', replacing any node's op by any of its candidates never adds params,
   and every candidate but the original strictly reduces them."""
   sp = make_space('paper')
-  base_counts = counting.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
+  base_counts = model_testing.count_architecture(sp, sp.baseline(), (32, 32), 3, 10)
   for j, node in enumerate(sp.nodes):
     for op in node.candidates:
       arch = list(sp.baseline())
       arch[j] = ops.OP_NAMES.index(op)
-      counts = counting.count_architecture(sp, arch, (32, 32), 3, 10)
+      counts = model_testing.count_architecture(sp, arch, (32, 32), 3, 10)
       if op == node.original:
         assert counts == base_counts
       else:
@@ -196,7 +197,7 @@ def test_paper_rule_never_grows_the_network(make_space):
   sp_all = make_space('all')
   arch = list(sp_all.baseline())
   arch[0] = ops.OP_NAMES.index('conv5x5')
-  assert counting.count_architecture(sp_all, arch, (32, 32), 3, 10).params > base_counts.params
+  assert model_testing.count_architecture(sp_all, arch, (32, 32), 3, 10).params > base_counts.params
 
 
 # ---------------------------------------------------------------------------
@@ -258,14 +259,14 @@ def test_ir50_reference_counts():
   """LResNet50E-IR at 112x112 without the classifier: 43.6M params (0.5%), 6.31 G MACs (1%)
   (README, "Faces"); the 85,742-way margin head adds 85,742 x 512 weights and MACs."""
   sp = space.ir_space(50)
-  counts = counting.count_architecture(sp, sp.baseline(), (112, 112), 3, 0)
+  counts = model_testing.count_architecture(sp, sp.baseline(), (112, 112), 3, 0)
   assert abs(counts.params - 43.6e6) <= 0.005 * 43.6e6, counts
   assert abs(counts.macs - 6.31e9) <= 0.01 * 6.31e9, counts
-  with_head = counting.count_architecture(sp, sp.baseline(), (112, 112), 3, 85742)
+  with_head = model_testing.count_architecture(sp, sp.baseline(), (112, 112), 3, 85742)
   assert (with_head.params - counts.params, with_head.macs - counts.macs) == (
       85742 * 512, 85742 * 512)
   # A refined architecture is smaller: every node separable.
-  sep = counting.count_architecture(sp, ['sep3x3'] * 48, (112, 112), 3, 0)
+  sep = model_testing.count_architecture(sp, ['sep3x3'] * 48, (112, 112), 3, 0)
   assert sep.params < 0.5 * counts.params and sep.macs < 0.2 * counts.macs
 
 
@@ -283,8 +284,8 @@ def test_ir_count_by_hand():
       cin = c
   expected += 2 * 64 + 64 * 20 + 20 + 20  # 16x16 -> 1x1 after four stride-2 stages
   sp = space.ir_space(18, width=0.125, embedding_size=20)
-  assert counting.count_architecture(sp, sp.baseline(), (16, 16), 3, 0).params == expected
-  assert counting.count_architecture(sp, sp.baseline(), (16, 16), 3, 7).params == (
+  assert model_testing.count_architecture(sp, sp.baseline(), (16, 16), 3, 0).params == expected
+  assert model_testing.count_architecture(sp, sp.baseline(), (16, 16), 3, 7).params == (
       expected + 7 * 20)
 
 
@@ -299,7 +300,7 @@ def test_ir_analytic_params_equal_initialised_fixed_network(width, rule, hw):
   for arch in archs:
     model = IResNet(sp, 7, arch=arch)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-    analytic = counting.count_architecture(sp, arch, hw, 3, 7)
+    analytic = model_testing.count_architecture(sp, arch, hw, 3, 7)
     assert _num_params(variables['params']) == analytic.params, sp.names(arch)
 
 

@@ -25,7 +25,8 @@ import pytest
 from nar_jax import controller, data, ops, policy, train
 from nar_jax.config import sgd_config
 from nar_jax.data.augment import normalize
-from nar_jax.models.resnet import ResNet, branch_mask, select_branches
+from nar_jax.models.nodes import branch_mask, select_branches
+from nar_jax.models.resnet import ResNet
 from nar_jax.space import Node, SearchSpace, Stage
 
 CANDIDATES = ('conv3x3', 'max3x3')

@@ -5,6 +5,9 @@
 the device inside jitted steps. Face data (insightface's ``train.rec`` and
 verification ``.bin`` files) is decoded lazily: `load_face_splits` returns
 splits of `LazyImages` (see `faces`, `insightface`, `synthetic_faces`).
+ImageNet (TFDS ``imagenet2012``, read without TensorFlow) is streamed, not
+loaded: `imagenet.batches` decodes and crops each epoch in a grain pipeline
+(see `imagenet`, `fake_imagenet`).
 """
 
 from nar_jax.data.augment import augment
@@ -14,7 +17,7 @@ from nar_jax.data.augment import random_flip
 from nar_jax.data.faces import LazyImages
 from nar_jax.data.faces import load_face_splits
 from nar_jax.data.faces import load_verification_set
-from nar_jax.data.faces import prefetch
+from nar_jax.data.prefetch import prefetch
 from nar_jax.data.faces import VerificationSet
 from nar_jax.data.insightface import FaceDataError
 from nar_jax.data.sources import batches

@@ -4,7 +4,7 @@ A face training set (MS1M: 5.8M JPEGs) does not fit in host memory decoded,
 so a `data.Split` of faces holds a `LazyImages`: an array-like over record
 keys that reads and decodes only the images it is indexed with, in parallel
 threads. `data.batches` / `data.merge` / `data.num_batches` work on it as on
-an in-memory array; `prefetch` decodes the next batch while the device works.
+an in-memory array; `nar_jax.data.prefetch` decodes the next batch while the device works.
 
 The paper's proxy task (section 4.1.1): K identities with at least M images
 each (4,000 x 40), 36 images per identity to train and 4 to validate. It is an
@@ -18,9 +18,7 @@ Faces are normalised as ``(x - 127.5) / 128`` (ArcFace), i.e. ``Splits.mean =
 from __future__ import annotations
 
 import os
-import queue
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -177,58 +175,6 @@ class LazyImages:
     if len(theirs):
       theirs[:, 0] = np.asarray(remap, np.int64)[theirs[:, 0]]
     return LazyImages(merged, np.concatenate([self._refs, theirs]), self._image_shape)
-
-
-def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-  """Runs `iterator` in a background thread, up to `size` items ahead.
-
-  Use it around `data.batches` of a `LazyImages` split so the next batches
-  are read and decoded while the device trains on the current one. Items come
-  out in order; an exception raised by `iterator` is re-raised here. Closing
-  the returned generator (or dropping it) stops the thread at its next item.
-  """
-  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-    raise ValueError(f'prefetch size must be a positive int, got {size!r}.')
-  items: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
-  end = object()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        items.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def produce():
-    try:
-      for item in iterator:
-        if not put((item, None)):
-          return
-      put((end, None))
-    except BaseException as e:  # pylint: disable=broad-except
-      put((end, e))
-
-  threading.Thread(target=produce, daemon=True, name='prefetch').start()
-
-  def consume():
-    try:
-      while True:
-        item, error = items.get()
-        if error is not None:
-          raise error
-        if item is end:
-          return
-        yield item
-    finally:
-      stop.set()
-
-  return consume()
-
-
-# The proxy task -----------------------------------------------------------------
 
 
 class FaceIndex(NamedTuple):

@@ -504,8 +504,10 @@ def _not_prepared_message(name: str, data_dir: str, problem: str) -> str:
       'See README section "Preparing CIFAR-10".')
 
 
-def _diagnose_tfds_dir(name: str, data_dir: str) -> str | None:
-  """Says why `data_dir` holds no readable copy of `name`; None if it looks ok."""
+def _diagnose_tfds_dir(name: str, data_dir: str,
+                       splits: Sequence[str] = ('train', 'test')) -> str | None:
+  """Says why `data_dir` holds no readable copy of `name` with `splits`; None if it
+  looks ok."""
   if not os.path.isdir(data_dir):
     return 'the directory does not exist.'
   infos = sorted(glob.glob(os.path.join(data_dir, name, '*',
@@ -523,7 +525,7 @@ def _diagnose_tfds_dir(name: str, data_dir: str) -> str | None:
     return (f'it was prepared with file_format={file_format!r}, but reading '
             "without TensorFlow needs file_format='array_record'; prepare it "
             'again with the command below.')
-  for split in ('train', 'test'):
+  for split in splits:
     if not glob.glob(os.path.join(version_dir,
                                   f'{name}-{split}.array_record*')):
       return (f'the {split} array_record files are missing from '

@@ -5,8 +5,8 @@ supernet (every candidate of every node, :class:`nar_jax.ops.Choice` on a traced
 index: ``nn.switch`` or, with ``choice='select'``, no conditional), an ``arch`` is a
 fixed network holding only the chosen ops. Nodes are the same
 :class:`~nar_jax.ops.Choice` under ``node{i:02d}/<op name>``, so
-:func:`~nar_jax.models.resnet.branch_mask` and
-:func:`~nar_jax.models.resnet.select_branches` work unchanged.
+:func:`~nar_jax.models.nodes.branch_mask` and
+:func:`~nar_jax.models.nodes.select_branches` work unchanged.
 
 The network (insightface's ``fresnet``, ``version_input=1, version_unit=3,
 version_output='E'``; README, "Faces: refining LResNet50E-IR with ArcFace"), every
@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from nar_jax import margins, ops
-from nar_jax.models import face_head
-from nar_jax.models.resnet import node_body
+from nar_jax.models import face_head, nodes
 from nar_jax.space import SearchSpace
 
 BN_EPSILON = 2e-5
@@ -104,8 +103,7 @@ class IResNet(nn.Module):
     if self.space.family != 'ir':
       raise ValueError(f'IResNet needs an IR search space; {self.space.name!r} has family '
                        f'{self.space.family!r} (use nar_jax.models.resnet.ResNet)')
-    if (self.arch is None) == (op_indices is None):
-      raise ValueError('pass op_indices to the supernet (arch=None) and only to it')
+    nodes.check_call(self.arch, op_indices)
     arch = None if self.arch is None else self.space.validate(self.arch)
     bn = lambda name: ops.batch_norm(train, self.bn_axis_name, self.dtype, name=name,
                                      epsilon=BN_EPSILON)
@@ -113,16 +111,12 @@ class IResNet(nn.Module):
     x = ops.Conv(self.space.stem_channels, 3, dtype=self.dtype, name='stem_conv')(images)
     x = PReLU(name='stem_prelu')(bn('stem_bn')(x))
 
-    nodes = iter(range(self.space.num_nodes))
+    node_index = iter(range(self.space.num_nodes))
 
     def run_node(x):
-      i = next(nodes)
-      node = self.space.nodes[i]
-      choices = node.candidates if arch is None else (ops.OP_NAMES[arch[i]],)
-      index = None if arch is not None else op_indices[i]
-      return ops.Choice(choices, node_body(node, False), node.out_channels, self.choice,
-                        self.dtype, self.bn_axis_name, BN_EPSILON,
-                        name=f'node{i:02d}')(x, index, train)
+      return nodes.choice_node(x, self.space.nodes, next(node_index), arch, op_indices,
+                               train=train, choice=self.choice, dtype=self.dtype,
+                               bn_axis_name=self.bn_axis_name, bn_epsilon=BN_EPSILON)
 
     for si, stage in enumerate(self.space.stages):
       for ui in range(stage.num_blocks):

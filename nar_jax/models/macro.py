@@ -29,7 +29,7 @@ One module class serves both networks (as :class:`nar_jax.models.resnet.ResNet`)
   the supernet's restricted by :func:`select_branches`.
 
 Variable names: layer ``j``'s branches live under ``node{j:02d}/<op name>`` (the
-naming :func:`nar_jax.models.resnet.branch_mask` reads), its post-skip BatchNorm
+naming :func:`nar_jax.models.nodes.branch_mask` reads), its post-skip BatchNorm
 is ``layer{j:02d}_bn``, and the reduction of ``x_t`` at the ``k``-th pool layer is
 ``reduce{k}_from{t:02d}``. Each layer's output is also sown into the
 ``intermediates`` collection as ``layer{j:02d}`` (a no-op unless it is mutable).
@@ -47,7 +47,8 @@ import numpy as np
 
 from nar_jax import joint, margins, ops
 from nar_jax.joint import JointSpace
-from nar_jax.models import face_head, resnet
+from nar_jax.models import face_head, nodes
+from nar_jax.models.heads import head_output
 
 _REDUCTION = re.compile(r'reduce(\d+)_from(\d+)$')
 
@@ -161,7 +162,7 @@ class MacroNet(nn.Module):
         outputs = [reduce(t, o) if needed is None or needed[k, t] else None
                    for t, o in enumerate(outputs)]
 
-    return resnet.head_output(self, y, train=train, labels=labels, embed_only=embed_only)
+    return head_output(self, y, train=train, labels=labels, embed_only=embed_only)
 
   def embed(self, images: jax.Array, arch: jax.Array | None = None, *,
             train: bool) -> jax.Array:
@@ -184,14 +185,14 @@ def _reduction_of(path) -> tuple[int, int] | None:
 def branch_mask(tree: Any, arch: jax.Array, space: JointSpace) -> Any:
   """Bool pytree like ``tree`` (scalar leaves): True where a leaf is used by ``arch``.
 
-  Unselected op branches (via :func:`nar_jax.models.resnet.branch_mask` on the op
+  Unselected op branches (via :func:`nar_jax.models.nodes.branch_mask` on the op
   indices) and factorized reductions whose output no layer of ``arch`` reads are
   False; everything else (stem, post-skip BatchNorms, head) is True. ``arch`` is the
   flat joint vector and may be traced.
   """
   op_index, skips = joint.split(jnp.asarray(arch), space.num_layers)
   needed = joint.needed_reductions(skips, space.pool_layers)
-  op_mask = resnet.branch_mask(tree, op_index)
+  op_mask = nodes.branch_mask(tree, op_index)
 
   def leaf_mask(path, used):
     found = _reduction_of(path)
@@ -204,7 +205,7 @@ def select_branches(variables: Any, arch: Sequence[Any], space: JointSpace) -> A
   """The supernet's variables restricted to ``arch``: the fixed network's variables."""
   op_index, skips = joint.split(np.asarray(space.validate(arch)), space.num_layers)
   needed = joint.needed_reductions(skips, space.pool_layers)
-  pruned = resnet.select_branches(variables, tuple(int(o) for o in op_index))
+  pruned = nodes.select_branches(variables, tuple(int(o) for o in op_index))
 
   def prune(tree, path):
     found = _reduction_of(path)

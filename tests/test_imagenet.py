@@ -1,0 +1,354 @@
+"""Tests for the building blocks of the ImageNet transfer (paper Table 6): the ImageNet
+ResNet-18 stem and its counts, and the imagenet2012 input pipeline (nar_jax.data.imagenet).
+
+Model variables come from ``jax.eval_shape(init)`` (nothing is computed); the data tests
+read a tiny fake imagenet2012 written by the real TFDS builder in the real array_record
+format (`nar_jax.data.fake_imagenet.write_fake_imagenet`).
+"""
+
+import io
+import json
+import os
+import shutil
+import sys
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from nar_jax import space
+from nar_jax.families import resnet as resnet_family
+from nar_jax.data import DatasetNotPreparedError, fake_imagenet, imagenet
+from nar_jax.models.nodes import select_branches
+from nar_jax.models.resnet import ResNet
+
+IMAGENET_HW = (224, 224)
+IMAGENET_CLASSES = 1000
+
+
+def _num_params(params) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _init_shapes(model, image_hw, *args):
+  images = jax.ShapeDtypeStruct((1, *image_hw, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, *args, train=False), images)
+
+
+def _refined(sp: space.SearchSpace) -> tuple[int, ...]:
+  """An architecture with every kind of candidate: sep3x3, sep5x5, max3x3 and avg3x3 at
+  nodes of both strides and of changing channel counts."""
+  names = list(sp.names(sp.baseline()))
+  for node, op in ((0, 'sep3x3'), (2, 'max3x3'), (3, 'avg3x3'), (4, 'sep5x5'), (8, 'avg3x3'),
+                   (sp.num_nodes - 1, 'sep3x3')):
+    names[node % sp.num_nodes] = op
+  return sp.validate(names)
+
+
+# ---------------------------------------------------------------------------
+# ImageNet ResNet-18: 7x7/2 stem, 3x3/2 max pool, the searched op at each node.
+
+
+@pytest.mark.parametrize('granularity', ['conv', 'block'])
+def test_imagenet_resnet18_reference_counts(granularity):
+  """torchvision's ResNet-18 at 224x224, 1000 classes: 11,689,512 parameters (conv
+  kernels, BN scale and bias, fc weights and bias) and 1,814,073,344 MACs (convs and fc,
+  the project's convention: torchvision's "1.81 GFLOPS"; ptflops' 1.82 GMac adds one op
+  per element of every BN, ReLU and pool, 8,104,424 more)."""
+  sp = space.resnet_space('resnet18', granularity, stem='imagenet')
+  counts = resnet_family.count_architecture(sp, sp.baseline(), IMAGENET_HW, 3, IMAGENET_CLASSES)
+  assert counts.params == 11_689_512
+  assert counts.macs == 1_814_073_344
+  assert round(counts.params / 1e6, 2) == 11.69
+
+
+def test_imagenet_resnet18_macs_by_hand():
+  """The baseline's MACs summed layer by layer: stem at 112x112, stages at 56, 28, 14, 7."""
+  macs = 7 * 7 * 3 * 64 * 112 * 112
+  cin, side = 64, 56
+  for stage, c in enumerate((64, 128, 256, 512)):
+    if stage:
+      side //= 2
+      macs += cin * c * side * side  # the 1x1 projection of the first block
+    macs += (9 * cin * c + 3 * 9 * c * c) * side * side  # four 3x3 convs
+    cin = c
+  macs += 512 * IMAGENET_CLASSES
+  sp = space.resnet_space('resnet18', 'conv', stem='imagenet')
+  assert resnet_family.count_architecture(sp, sp.baseline(), IMAGENET_HW, 3,
+                                     IMAGENET_CLASSES).macs == macs
+
+
+@pytest.mark.parametrize('granularity', ['conv', 'block'])
+def test_imagenet_counts_equal_the_initialised_network(granularity):
+  """Counted parameters == the initialised fixed network's, for the baseline and a
+  refined architecture; the refined one is smaller in both counts."""
+  sp = space.resnet_space('resnet18', granularity, stem='imagenet')
+  counted = {}
+  for name, arch in (('baseline', sp.baseline()), ('refined', _refined(sp))):
+    variables = _init_shapes(ResNet(sp, IMAGENET_CLASSES, arch=arch), IMAGENET_HW)
+    counted[name] = resnet_family.count_architecture(sp, arch, IMAGENET_HW, 3, IMAGENET_CLASSES)
+    assert _num_params(variables['params']) == counted[name].params, sp.names(arch)
+  assert counted['refined'].params < counted['baseline'].params
+  assert counted['refined'].macs < counted['baseline'].macs
+
+
+def test_imagenet_stem_runs_the_first_stage_at_56x56():
+  sp = space.resnet_space('resnet18', 'conv', stem='imagenet')
+  model = ResNet(sp, IMAGENET_CLASSES, arch=sp.baseline())
+  variables = _init_shapes(model, IMAGENET_HW)
+  images = jax.ShapeDtypeStruct((2, *IMAGENET_HW, 3), jnp.float32)
+  logits, state = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=False,
+                               capture_intermediates=lambda m, _: m.name == 'node00'),
+      variables, images)
+  assert logits.shape == (2, IMAGENET_CLASSES)
+  assert state['intermediates']['node00']['__call__'][0].shape == (2, 56, 56, 64)
+  assert sp.stem_layers.out_hw(IMAGENET_HW) == (56, 56)
+
+
+def test_stems_share_variable_names_and_the_cifar_stem_is_unchanged():
+  """Both stems are ``stem_conv`` + ``stem_bn`` (the max pool has no variables): the
+  CIFAR network's variables (and so its checkpoints) are what they were, and the two
+  trees differ only in the stem kernel's shape."""
+  cifar = space.resnet_space('resnet18', 'conv')
+  imagenet = space.resnet_space('resnet18', 'conv', stem='imagenet')
+  assert cifar == space.resnet_space('resnet18', 'conv', stem='cifar')
+  assert cifar.nodes == imagenet.nodes and cifar.name == imagenet.name
+  shapes = {}
+  for name, sp in (('cifar', cifar), ('imagenet', imagenet)):
+    variables = _init_shapes(ResNet(sp, 10, arch=sp.baseline()), (32, 32))
+    shapes[name] = {jax.tree_util.keystr(p): v.shape
+                    for p, v in jax.tree_util.tree_leaves_with_path(variables)}
+  assert shapes['cifar'].keys() == shapes['imagenet'].keys()
+  differ = {k for k in shapes['cifar'] if shapes['cifar'][k] != shapes['imagenet'][k]}
+  assert differ == {"['params']['stem_conv']['kernel']"}
+  assert shapes['cifar']["['params']['stem_conv']['kernel']"] == (3, 3, 3, 64)
+  assert shapes['imagenet']["['params']['stem_conv']['kernel']"] == (7, 7, 3, 64)
+
+
+def test_imagenet_supernet_restricted_to_an_architecture_is_the_fixed_network():
+  """The supernet's variables with the unselected branches dropped have the fixed
+  network's tree and shapes (the stem lies outside every node)."""
+  sp = space.resnet_space('resnet18', 'conv', width=0.25, stem='imagenet')
+  arch = _refined(sp)
+  supernet = _init_shapes(ResNet(sp, 10), IMAGENET_HW, jnp.asarray(arch))
+  fixed = _init_shapes(ResNet(sp, 10, arch=arch), IMAGENET_HW)
+  shape = lambda tree: jax.tree_util.tree_map(lambda v: v.shape, tree)
+  assert shape(select_branches(supernet, arch)) == shape(fixed)
+
+
+def test_unknown_stem_is_rejected():
+  with pytest.raises(ValueError, match="stem must be one of cifar, imagenet, got 'tiny'"):
+    space.resnet_space('resnet18', stem='tiny')
+
+
+
+# ---------------------------------------------------------------------------
+# imagenet2012 read without TensorFlow, and the input pipeline.
+
+FAKE_SIZES = {'train': 21, 'validation': 10}
+ONE_HOST = grain.sharding.ShardOptions(0, 1)
+
+
+@pytest.fixture(scope='module')
+def fake(tmp_path_factory):
+  """A fake imagenet2012 (21 train, 10 validation JPEGs of 40-120 pixels, 4 classes) in
+  the real TFDS format; returns (data_dir, {split: [FakeImage]})."""
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  return data_dir, fake_imagenet.write_fake_imagenet(data_dir, FAKE_SIZES)
+
+
+class Indexed:
+  """A source whose labels are the record indices (to follow examples through batches)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return {**self.source[i], 'label': i}
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+  f = io.BytesIO()
+  Image.fromarray(pixels).save(f, format='JPEG', quality=95)
+  return f.getvalue()
+
+
+def _epoch(source, *, train, seed=0, epoch=0, shard=ONE_HOST, batch_size=4, **kwargs):
+  """Every batch of one epoch, concatenated: images (N, 224, 224, 3), labels (N,)."""
+  got = list(imagenet.batches(source, batch_size, train=train, seed=seed, epoch=epoch,
+                              shard=shard, **kwargs))
+  return np.concatenate([b[0] for b in got]), np.concatenate([b[1] for b in got])
+
+
+def test_fake_imagenet_round_trips_through_the_reader(fake):
+  data_dir, made = fake
+  version_dir = os.path.join(data_dir, 'imagenet2012', '5.1.0')
+  for name in ('dataset_info.json', 'features.json',
+               'imagenet2012-train.array_record-00000-of-00001'):
+    assert os.path.isfile(os.path.join(version_dir, name)), name
+  for split, images in made.items():
+    source = imagenet.open_split(split, data_dir)
+    assert len(source) == len(images) == FAKE_SIZES[split]
+    assert imagenet.num_classes(source) == 1000
+    want = {m.file_name: m for m in images}
+    for i in range(len(source)):
+      record = source[i]
+      m = want.pop(record['file_name'].decode())
+      assert record['label'] == m.label
+      assert record['image'] == m.jpeg  # Stored byte for byte.
+      assert np.asarray(imagenet.decode(record['image'])).shape == (m.height, m.width, 3)
+    assert not want
+  assert 'tensorflow' not in sys.modules  # Reading needs no TensorFlow.
+
+
+def test_batches_have_the_shapes_the_training_consumes(fake):
+  source = imagenet.open_split('train', fake[0])
+  got = list(imagenet.batches(source, 4, train=True, seed=0, epoch=0, shard=ONE_HOST))
+  assert len(got) == imagenet.num_batches(len(source), 4, ONE_HOST, True) == 5
+  for images, labels in got:
+    assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
+    assert labels.shape == (4,) and labels.dtype == np.int32
+  # Without a shard: this process's (the only one here), equally many examples per host.
+  default = next(imagenet.batches(source, 4, train=True, seed=0, epoch=0))
+  np.testing.assert_array_equal(default[0], got[0][0])
+  eval_batches = list(imagenet.batches(source, 4, train=False, seed=0, epoch=0, shard=ONE_HOST))
+  assert [len(b[1]) for b in eval_batches] == [4, 4, 4, 4, 4, 1]  # No drop in evaluation.
+
+
+def test_eval_crop_is_the_center_224_of_the_image_resized_to_256():
+  rng = np.random.default_rng(0)
+  jpeg = _jpeg(rng.integers(0, 256, (256, 256, 3), np.uint8))
+  square = np.asarray(imagenet.decode(jpeg))
+  np.testing.assert_array_equal(imagenet.eval_image(jpeg), square[16:240, 16:240])
+  # A smooth non-square image: one resampling == resizing to 256 then cropping.
+  y, x = np.mgrid[:300, :400]
+  pixels = np.stack([x * 255 // 400, y * 255 // 300, (x + y) * 255 // 700], -1).astype(np.uint8)
+  jpeg = _jpeg(pixels)
+  two_step = np.asarray(imagenet.decode(jpeg).resize((341, 256), Image.BILINEAR))
+  two_step = two_step[16:240, 58:282]
+  got = imagenet.eval_image(jpeg)
+  assert np.abs(got.astype(int) - two_step).max() <= 2
+
+
+def test_train_crop_of_the_whole_image_is_the_image_or_its_mirror():
+  jpeg = _jpeg(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8))
+  source = np.asarray(imagenet.decode(jpeg))
+  flips = set()
+  for seed in range(8):
+    got = imagenet.train_image(jpeg, np.random.default_rng(seed), scale=(1, 1),
+                               ratio=(1, 1))
+    flipped = np.array_equal(got, source[:, ::-1])
+    assert flipped or np.array_equal(got, source)
+    flips.add(flipped)
+  assert flips == {True, False}
+
+
+@pytest.mark.parametrize('height,width', [(375, 500), (60, 45), (100, 100), (20, 900)])
+def test_random_resized_box_lies_inside_with_the_allowed_area_and_ratio(height, width):
+  rng = np.random.default_rng(height * width)
+  for _ in range(200):
+    top, left, h, w = imagenet.random_resized_box(height, width, rng)
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    if (h, w) != (height, min(width, round(height * 4 / 3))):  # not the fallback
+      assert 0.08 * 0.9 <= h * w / (height * width) <= 1.0
+      assert 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+  # A 20x900 strip fits no 3/4-4/3 crop of >= 8% of its area: the central 20x27 crop.
+  assert imagenet.random_resized_box(20, 900, rng) == (0, 436, 20, 27)
+
+
+def test_eval_batches_are_deterministic_central_crops_in_order(fake):
+  source = imagenet.open_split('validation', fake[0])
+  images, labels = _epoch(source, train=False)
+  np.testing.assert_array_equal(labels, [source[i]['label'] for i in range(len(source))])
+  for i in (0, len(source) - 1):
+    np.testing.assert_array_equal(images[i], imagenet.eval_image(source[i]['image']))
+  again, _ = _epoch(source, train=False, seed=5, epoch=3,
+                    options=imagenet.InputOptions(threads=1))
+  np.testing.assert_array_equal(images, again)
+
+
+def test_train_epochs_are_a_function_of_seed_and_epoch(fake):
+  source = Indexed(imagenet.open_split('train', fake[0]))
+  first = _epoch(source, train=True, seed=0, epoch=0)
+  same = _epoch(source, train=True, seed=0, epoch=0, options=imagenet.InputOptions(threads=1))
+  np.testing.assert_array_equal(first[0], same[0])
+  np.testing.assert_array_equal(first[1], same[1])
+  for other in (_epoch(source, train=True, seed=0, epoch=1),
+                _epoch(source, train=True, seed=1, epoch=0)):
+    assert not np.array_equal(first[1], other[1])  # Another order ...
+    for k in first[1][:3]:  # ... and other crops of the same records.
+      assert not np.array_equal(first[0][first[1] == k], other[0][other[1] == k])
+  # One epoch: 5 batches of 4, each record at most once (one of the 21 is left out).
+  assert len(set(first[1])) == len(first[1]) == 20 and set(first[1]) <= set(range(21))
+
+
+def test_worker_processes_give_the_same_batches(fake):
+  """Decoding in a grain worker process changes nothing (it costs a process start)."""
+  source = imagenet.open_split('validation', fake[0])
+  here = _epoch(source, train=True, batch_size=2)
+  workers = _epoch(source, train=True, batch_size=2,
+                   options=imagenet.InputOptions(threads=2, processes=1, buffer=8))
+  np.testing.assert_array_equal(here[0], workers[0])
+  np.testing.assert_array_equal(here[1], workers[1])
+
+
+def test_two_hosts_partition_each_epoch(fake):
+  source = Indexed(imagenet.open_split('train', fake[0]))
+  n = len(source)  # 21: odd
+  for train in (True, False):
+    shards = [grain.sharding.ShardOptions(i, 2, drop_remainder=train) for i in range(2)]
+    parts = [_epoch(source, train=train, shard=s, batch_size=2, drop_remainder=False)
+             for s in shards]
+    ids = [list(p[1]) for p in parts]
+    assert not set(ids[0]) & set(ids[1])
+    if train:  # Equally many examples on each host: one of the 21 left out.
+      assert len(ids[0]) == len(ids[1]) == n // 2
+    else:
+      assert sorted(ids[0] + ids[1]) == list(range(n))
+    assert [len(i) for i in ids] == [imagenet.shard_size(n, s) for s in shards]
+  # A record's crop does not depend on the number of hosts.
+  alone = _epoch(source, train=True, batch_size=3)
+  host = _epoch(source, train=True, shard=grain.sharding.ShardOptions(1, 2), batch_size=2,
+                drop_remainder=False)
+  k = host[1][0]
+  np.testing.assert_array_equal(host[0][0], alone[0][alone[1] == k][0])
+
+
+def test_missing_imagenet_names_the_manual_download(tmp_path):
+  with pytest.raises(DatasetNotPreparedError) as info:
+    imagenet.open_split('train', str(tmp_path))
+  message = str(info.value)
+  assert message.startswith(f"Dataset 'imagenet2012' is not prepared in data_dir='{tmp_path}'")
+  for step in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
+               f'{tmp_path}/downloads/manual', 'tfds build imagenet2012',
+               '--file_format=array_record', 'README section "Preparing ImageNet"'):
+    assert step in message
+  assert not os.listdir(tmp_path)  # Nothing written.
+
+
+def test_incomplete_or_tfrecord_copies_are_named(fake, tmp_path):
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(fake[0], data_dir)
+  version_dir = os.path.join(data_dir, 'imagenet2012', '5.1.0')
+  with pytest.raises(DatasetNotPreparedError, match='did you mean'):
+    imagenet.open_split('train', os.path.join(data_dir, 'imagenet2012'))
+  for name in os.listdir(version_dir):
+    if name.startswith('imagenet2012-validation.array_record'):
+      os.remove(os.path.join(version_dir, name))
+  assert len(imagenet.open_split('train', data_dir)) == FAKE_SIZES['train']
+  with pytest.raises(DatasetNotPreparedError, match='validation array_record files are missing'):
+    imagenet.open_split('validation', data_dir)
+  info_path = os.path.join(version_dir, 'dataset_info.json')
+  with open(info_path) as f:
+    info = json.load(f)
+  with open(info_path, 'w') as f:
+    json.dump({**info, 'fileFormat': 'tfrecord'}, f)
+  with pytest.raises(DatasetNotPreparedError, match="file_format='tfrecord'"):
+    imagenet.open_split('train', data_dir)
