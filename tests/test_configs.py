@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
 
 from nar_jax import config as config_lib
+from nar_jax import transfer
 
 from config_testing import CONFIGS, load_config
 
@@ -35,10 +37,30 @@ def test_every_config_file_is_listed():
 def test_config_loads_and_validates(name, variant, tmp_path):
   config = load_config(name, variant)
   if name in NOT_MAIN:
+    _validate_transfer_study(config, tmp_path)
     return
   if config.dataset.name == 'faces' and not config.dataset.data_dir:
     config.dataset.data_dir = str(tmp_path)  # The command line must name it (tested below).
   config_lib.validate(config)
+
+
+def _validate_transfer_study(study, tmp_path):
+  """Every (network, task) pipeline config the study would run validates. Without a NAS-Arch
+  (the full study's default) the error says to name one; an ``arch.json`` as a
+  ``cifar_nasarch`` run writes it (12 layers) is then read from its path."""
+  if not study.nas_arch:
+    with pytest.raises(ValueError, match='config.nas_arch must name the arch.json'):
+      transfer.run_config(study, 'nas_arch', 'A', str(tmp_path))
+    arch = [{'op': 'conv3x3', 'skips': ['stem'] if i % 2 else []} for i in range(12)]
+    (tmp_path / 'arch.json').write_text(json.dumps({'arch': arch}))
+    study.nas_arch = str(tmp_path / 'arch.json')
+  names = transfer.networks(study)
+  assert set(names) == set(transfer.NETWORKS)
+  for network in names:
+    for task in transfer.TASKS:
+      config = transfer.run_config(study, network, task, str(tmp_path / f'data_{task}'))
+      config_lib.validate(config)  # run_config validates too; this is the contract.
+      assert config.dataset.name == study.tasks[task].name
 
 
 def test_face_config_requires_the_data_directory():

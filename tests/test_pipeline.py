@@ -25,6 +25,7 @@ from nar_jax import config as config_lib
 from nar_jax import data, ops, pipeline, train
 from nar_jax.space import Node, SearchSpace, Stage
 from nar_jax import families
+from nar_jax.phases import retrain
 import model_testing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,42 @@ def test_rerun_of_a_finished_workdir_trains_nothing(finished, monkeypatch, capsy
   assert read_json(os.path.join(finished.workdir, 'report.json')) == finished.report
   assert read_json(os.path.join(finished.workdir, 'arch.json')) == finished.arch
   assert read_metrics(finished.workdir) == finished.metrics  # nothing new was logged
+
+
+def test_retraining_trains_on_train_and_valid_once_per_epoch(tmp_path, monkeypatch):
+  """Retraining (the paper: on train + valid) feeds its train steps every train and every
+  valid example once per epoch, and no test example. The steps are recorded, not run."""
+  with tiny_space_family():
+    ctx, nets = pipeline.setup(tiny_config(**{'retrain.epochs': 2}), str(tmp_path))
+  seen = []
+
+  def recording_step(*args, **kwargs):
+    del args, kwargs
+
+    def step(state, images, labels, key, sampler_params):
+      del key, sampler_params
+      seen.append((np.asarray(images), np.asarray(labels)))
+      zero = np.float32(0)
+      return state, {'loss': zero, 'accuracy': zero, 'finite': np.bool_(True)}
+    return step
+
+  monkeypatch.setattr(train, 'make_train_step', recording_step)
+  result = retrain.run(ctx, nets, 'refined', nets.space.baseline())
+  splits = nets.splits
+  rows = lambda images: {bytes(x) for x in images.reshape(len(images), -1)}
+  train_and_valid = len(splits.train) + len(splits.valid)
+  per_epoch = data.num_batches(data.merge(splits.train, splits.valid), 64)
+  assert per_epoch == train_and_valid // 64 > data.num_batches(splits.train, 64)
+  assert len(seen) == 2 * per_epoch
+  for epoch in range(2):
+    images = np.concatenate([b[0] for b in seen[epoch * per_epoch:(epoch + 1) * per_epoch]])
+    labels = np.concatenate([b[1] for b in seen[epoch * per_epoch:(epoch + 1) * per_epoch]])
+    assert len(rows(images)) == len(images) == train_and_valid  # each example once
+    assert rows(images) == rows(splits.train.images) | rows(splits.valid.images)
+    np.testing.assert_array_equal(np.sort(labels), np.sort(np.concatenate(
+        [splits.train.labels, splits.valid.labels])))
+    assert not rows(images) & rows(splits.test.images)
+  assert result['test_acc'] is not None
 
 
 # ---------------------------------------------------------------------------------------

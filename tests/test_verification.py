@@ -1,6 +1,8 @@
 """Tests for nar_jax.verification: insightface's LFW-style protocol."""
 
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import interpolate
@@ -77,6 +79,21 @@ def brute_force(embeddings, issame):
               far=np.mean(fars))
 
 
+def brute_fold_accuracy(dist, issame, num_folds=10):
+  """insightface's accuracy (mean over contiguous folds of the held-out accuracy at the first
+  threshold best on the other folds), thresholds in ``dist``'s dtype."""
+  thresholds = np.arange(0, 4, 0.01).astype(dist.dtype)
+  accs = []
+  for train, test in _brute_folds(len(dist), num_folds):
+    train_acc = [_brute_accuracy(dist[train], issame[train], t)[2] for t in thresholds]
+    best = None
+    for i, a in enumerate(train_acc):
+      if best is None or a > train_acc[best]:
+        best = i
+    accs.append(_brute_accuracy(dist[test], issame[test], thresholds[best])[2])
+  return float(np.mean(accs))
+
+
 def _planted(dist):
   """Unit 2-D embeddings (2P, 2) whose pairs have squared distances `dist`."""
   angle = np.arccos(1 - np.asarray(dist) / 2)
@@ -136,6 +153,68 @@ def test_first_maximum_wins_hand_computed():
   result = verification.evaluate(_planted(np.tile([0.0, 1.505], 10)), issame)
   np.testing.assert_allclose(result.thresholds, [0.01] * 10)
   assert result.accuracy_mean == 1.0
+
+
+# ---------------------------------------------------------------------------
+# fold_accuracy: the jittable accuracy (the search's verification reward).
+
+
+def _random_pairs(num_pairs, seed):
+  """Overlapping same / different distances on midpoints of the 0.01 threshold grid (no
+  distance equals a threshold in float32 or float64, and many pairs tie)."""
+  rng = np.random.default_rng(seed)
+  issame = rng.random(num_pairs) < 0.5
+  dist = np.where(issame, rng.normal(1.0, 0.35, num_pairs), rng.normal(1.6, 0.35, num_pairs))
+  dist = np.floor(np.clip(dist, 0.0, 3.98) * 100) / 100 + 0.005
+  return dist.astype(np.float32), issame
+
+
+@pytest.mark.parametrize('num_pairs, num_folds, seed', [
+    (137, 10, 0), (400, 10, 1), (23, 10, 2), (10, 10, 3), (7, 2, 4), (50, 3, 5)])
+def test_fold_accuracy_equals_brute_force_and_evaluate(num_pairs, num_folds, seed):
+  dist, issame = _random_pairs(num_pairs, seed)
+  got = float(verification.fold_accuracy(jnp.asarray(dist), jnp.asarray(issame), num_folds))
+  assert got == pytest.approx(brute_fold_accuracy(dist, issame, num_folds), abs=1e-6)
+  jitted = jax.jit(verification.fold_accuracy, static_argnums=2)
+  assert float(jitted(jnp.asarray(dist), jnp.asarray(issame), num_folds)) == pytest.approx(
+      got, abs=1e-6)
+  if num_folds == 10 and all(
+      issame[lo:hi].any() and not issame[lo:hi].all()
+      for lo, hi in zip(verification.fold_bounds(num_pairs)[:-1],
+                        verification.fold_bounds(num_pairs)[1:])):
+    assert got == pytest.approx(
+        verification.evaluate(_planted(dist.astype(np.float64)), issame).accuracy_mean,
+        abs=1e-6)
+
+
+def test_fold_accuracy_ties_take_the_first_maximum_and_same_is_strict():
+  """The planted cases of ``test_first_maximum_wins_hand_computed``, through fold_accuracy."""
+  issame = np.tile([True, False], 10)
+  dist = np.tile([0.305, 1.505], 10).astype(np.float32)
+  accuracy = lambda d: float(verification.fold_accuracy(jnp.asarray(d), jnp.asarray(issame)))
+  assert accuracy(dist) == 1.0
+  dist[7] = 0.2  # Fold 3 keeps the others' 0.31 (the first maximum) and scores 1/2.
+  assert accuracy(dist) == pytest.approx(0.95)
+  # A same pair at 0.9 in fold 3: its training folds tie at every threshold in 0.31 .. 1.50,
+  # and the first (0.31) rejects it (the last would accept it); the other folds train with
+  # it and pick 0.91, which is right on their held-out pairs.
+  dist[7], dist[6] = 1.505, 0.9
+  assert accuracy(dist) == pytest.approx(0.95) == brute_fold_accuracy(dist, issame)
+  # "Same" is strictly below the threshold: fold 3's same pair exactly at the (float32)
+  # threshold 0.31 the others choose is rejected.
+  dist = np.tile([0.305, 1.505], 10).astype(np.float32)
+  dist[6] = np.float32(verification.ACCURACY_THRESHOLDS[31])
+  assert accuracy(dist) == pytest.approx(0.95) == brute_fold_accuracy(dist, issame)
+  # Identical embeddings (distance 0) are "different" at threshold 0 (strict <).
+  assert accuracy(np.tile([0.0, 1.505], 10).astype(np.float32)) == 1.0
+  # Every distance equal: all thresholds above it tie, all below it tie.
+  same_dist = np.full(20, 1.0, np.float32)
+  assert accuracy(same_dist) == pytest.approx(brute_fold_accuracy(same_dist, issame)) == 0.5
+
+
+def test_fold_accuracy_rejects_too_few_pairs():
+  with pytest.raises(ValueError, match='9 pairs are too few for 10 folds'):
+    verification.fold_accuracy(jnp.zeros(9), jnp.zeros(9, bool))
 
 
 def test_fold_bounds_like_kfold():

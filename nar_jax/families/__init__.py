@@ -250,8 +250,8 @@ def family_for(config: ml_collections.ConfigDict) -> Family:
     import_family_module(module)
   if base not in _REGISTRY:
     raise ValueError(f'config.model.base={base!r} is not a registered network; known: '
-                     f'{", ".join(registered_bases())} (a network of your own: register its '
-                     'family, README "Refining your own network")')
+                     f'{", ".join(repr(b) for b in _REGISTRY)} (a network of your own: '
+                     'register its family, README "Refining your own network")')
   return _REGISTRY[base]
 
 
