@@ -152,7 +152,7 @@ def markdown(result: dict[str, Any], family: families.Family) -> str:
 
 
 def _curve_lines(curve: list[dict[str, Any]], uniform_entropy: float) -> list[str]:
-  """The search's learning curve, one row per epoch (:func:`nar_jax.pipeline._epoch_summary`)."""
+  """The search's learning curve, one row per epoch (:func:`nar_jax.phases.search.epoch_summary`)."""
   lines = ['Learning during the search: the shared weights\' training accuracy on the '
            'architectures they were trained with, the mean validation accuracy (shared '
            "weights) of the controller's samples, and the controller's entropy (the sum over "
