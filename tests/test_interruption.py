@@ -218,8 +218,7 @@ EXPECTED_CHAINS = {
     'resnet': ('pretrain', 'search', 'derive', 'retrain_refined', 'evaluate_refined', 'report'),
     'faces': ('search', 'derive', 'retrain_refined', 'evaluate_refined', 'report'),
     'joint': ('search', 'derive', 'retrain_refined', 'evaluate_refined', 'report'),
-    'alternating': ('alternating', 'retrain_refined', 'evaluate_refined',
-                    'report'),
+    'alternating': ('alternating', 'retrain_refined', 'evaluate_refined', 'report'),
 }
 """The chain steps every run of the space has (a refined architecture that differs
 from the baseline adds retrain_baseline and evaluate_baseline where it is retrained;
@@ -265,10 +264,10 @@ def test_interrupted_in_every_phase_then_rerun_gives_the_uninterrupted_result(
       group, k = previous
       phase = checkpointed_as(group)
       saved = reference.states[previous]['checkpoints'].get(phase)
-      first_unsaved = min(j for j in range(1, k + 1)
+      first_after_save = min(j for j in range(1, k + 1)
                           if reference.states[(group, j)]['checkpoints'].get(phase) == saved)
-      assert events.counts[group] == reference.counts[group] - (first_unsaved - 1), (
-          previous, events.counts[group], first_unsaved)
+      assert events.counts[group] == reference.counts[group] - (first_after_save - 1), (
+          previous, events.counts[group], first_after_save)
       if saved:
         assert f'[{phase}] resumed from' in out, previous
     previous = arm
