@@ -1,5 +1,5 @@
 """Shared pytest setup: the entry points' XLA flags, four fake CPU devices, and a persistent
-compilation cache fixture."""
+compilation cache fixture shared by the session."""
 
 import chex
 import jax
@@ -12,13 +12,14 @@ train.add_cpu_xla_flags()  # As the command-line entry points do.
 chex.set_n_cpu_devices(4)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache in a temporary directory, for one test module.
+  """JAX's persistent compilation cache in a temporary directory, shared by every test
+  that asks for it (from its first request to the end of the session).
 
-  XLA:CPU needs tens of seconds to compile a supernet step; with the cache, a module's
-  later runs of the same pipeline (interrupted, resumed, re-run) load the first run's
-  executables instead of compiling them again.
+  XLA:CPU needs tens of seconds to compile a supernet step; with the cache, later runs of
+  the same pipeline (interrupted, resumed, re-run, or the same tiny config in another
+  module) load the first run's executables instead of compiling them again.
   """
   names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
            'jax_persistent_cache_min_entry_size_bytes')

@@ -43,21 +43,23 @@ def run(ctx: Context, nets: Networks, name: str, arch: tuple[int, ...]) -> dict[
                                   crop_padding=ctx.config.dataset.crop_padding,
                                   flip=ctx.config.dataset.flip, sample_arch=None)
   ev = evaluator(ctx, phase)
-  last_stats = {}
 
   def run_epoch(state, epoch, meta, progress):
     state, stats = loop.context_epoch(ctx, step_fn, state, split, cfg.batch_size, epoch,
                                       ctx.key(phase), None, progress, 'retrain.optimizer')
-    last_stats.update(stats)
     ctx.log.record(phase=phase, epoch=epoch + 1, train_loss=stats['loss'],
                    train_acc=stats['accuracy'], step_s=stats['step_s'])
     every = cfg.verify_every_epochs
     if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs:
       nets.task.monitor(ev, model, state.variables, splits, epoch + 1)
-    return state, {'step_times': meta['step_times'] + [stats['step_s']]}
+    # The last epoch's accuracy travels in the checkpoint's meta: a run interrupted
+    # after the last epoch (in the evaluation) trains no epoch when re-run.
+    return state, {'step_times': meta['step_times'] + [stats['step_s']],
+                   'final_train_acc': stats['accuracy']}
 
   state, meta = loop.run_epochs(ctx, phase, state, cfg.epochs, per_epoch, run_epoch)
   result = {'arch': nets.space.names(arch), 'test_acc': None, 'test_loss': None,
-            'final_train_acc': last_stats.get('accuracy'), 'step_s': loop.median(meta['step_times'])}
+            'final_train_acc': meta.get('final_train_acc'),
+            'step_s': loop.median(meta['step_times'])}
   result.update(nets.task.evaluate(ev, model, state.variables, splits))
   return result
