@@ -211,10 +211,6 @@ def register(family: Family) -> Family:
   return family
 
 
-def registered_bases() -> tuple[str, ...]:
-  return tuple(sorted(_REGISTRY))
-
-
 def bases_searching_with(method: str) -> list[str]:
   """The registered bases whose family supports ``config.search.method=method``."""
   return sorted(base for base, family in _REGISTRY.items() if method in family.searches)
@@ -283,4 +279,4 @@ __all__ = ['CountArgs', 'Family', 'NetworkArgs', 'Space', 'additive_macs_model',
            'arch_text', 'bases_searching_with', 'build_space', 'family_for',
            'import_family_module', 'ir', 'macro', 'network_head', 'operator_family',
            'operator_policy', 'operator_space_size', 'operator_uniform_sampler',
-           'register', 'registered_bases', 'resnet', 'restricted_ops']
+           'register', 'resnet', 'restricted_ops']
