@@ -27,6 +27,7 @@ interrupted evaluation; on a finished one it measures nothing and rewrites the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -43,7 +44,7 @@ from ml_collections import config_flags
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from nar_jax import families, files, pipeline, train  # noqa: E402
+from nar_jax import distributed, families, files, pipeline, train  # noqa: E402
 from nar_jax import workdir as workdir_lib  # noqa: E402
 from nar_jax.data import DatasetNotPreparedError  # noqa: E402
 from nar_jax.phases import loop, retrain, supernet  # noqa: E402
@@ -177,7 +178,8 @@ def shared_scores(ctx: Context, nets: Networks, archs: list[tuple[int, ...]]) ->
       cached[_arch_key(arch)] = supernet.valid_accuracy(ctx, nets, eval_fn, variables, arch)
       ctx.log.info(f'[evaluate] shared weights {i + 1}/{len(missing)}: valid acc '
                    f'{cached[_arch_key(arch)]:.4f} {nets.arch_text(arch)}')
-    files.write_json(path, cached)
+    if distributed.is_main_process():
+      files.write_json(path, cached)
   return [cached[_arch_key(a)] for a in archs]
 
 
@@ -216,7 +218,8 @@ def retrain_random(ctx: Context, nets: Networks, archs: list[tuple[int, ...]]) -
     ctx.log.info(f'[evaluate] retraining random architecture {i + 1}/{len(archs)}: '
                  f'{nets.arch_text(arch)}')
     retrained = retrain.run(ctx, nets, f'random_{i:02d}', arch)
-    files.write_json(path, {'op_indices': list(arch), 'retrained': retrained})
+    if distributed.is_main_process():
+      files.write_json(path, {'op_indices': list(arch), 'retrained': retrained})
     results.append(retrained)
     progress.update(1, f'random architecture {i + 1}/{len(archs)} retrained: '
                     f'accuracy {nets.task.headline_value(ctx.config, retrained):.4f}')
@@ -412,10 +415,11 @@ def evaluate(workdir: str, num_random: int,
   result = {'dataset': config.dataset.name, 'space': nets.space.name, 'metric': metric,
             'num_random': num_random, 'rows': rows, 'summary': summarize(rows)}
   directory = os.path.join(workdir, EVALUATION_DIR)
-  files.write_json(os.path.join(directory, 'evaluation.json'), result)
-  with open(os.path.join(directory, 'evaluation.md'), 'w') as f:
-    f.write(markdown(result, nets.family))
-  plot(rows, metric, os.path.join(directory, 'evaluation.png'))
+  if distributed.is_main_process():
+    files.write_json(os.path.join(directory, 'evaluation.json'), result)
+    with open(os.path.join(directory, 'evaluation.md'), 'w') as f:
+      f.write(markdown(result, nets.family))
+    plot(rows, metric, os.path.join(directory, 'evaluation.png'))
   ctx.log.info(f'[evaluate] report: {os.path.join(directory, "evaluation.md")}')
   return result
 
@@ -427,11 +431,16 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   train.add_cpu_xla_flags()
   try:
-    with workdir_lib.lock(flags.FLAGS.workdir):  # one run per workdir at a time
+    distributed.initialize_from_flags()
+    # One run per workdir at a time: process 0 holds the lock for all.
+    holds_lock = distributed.is_main_process()
+    with workdir_lib.lock(flags.FLAGS.workdir) if holds_lock else contextlib.nullcontext():
       result = evaluate(flags.FLAGS.workdir, flags.FLAGS.num_random, flags.FLAGS.config)
   except (DatasetNotPreparedError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
+  if not distributed.is_main_process():
+    return
   s = result['summary']
   k = s['kendall']
   print(f'Kendall tau {_fmt(k["tau"], ".3f")} (p {_fmt(k["p_value"], ".3g")}, '
@@ -449,4 +458,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'A finished run (nar_jax.main --workdir).')
   flags.DEFINE_integer('num_random', None, 'How many random architectures to retrain.')
   flags.mark_flags_as_required(['workdir', 'num_random'])
+  distributed.define_flags()
   app.run(main)

@@ -15,13 +15,14 @@ from absl import flags
 from ml_collections import config_flags
 
 from nar_jax import config as config_lib
-from nar_jax import pipeline, train
+from nar_jax import distributed, pipeline, train
 from nar_jax.data import DatasetNotPreparedError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and reports.')
 flags.mark_flags_as_required(['config', 'workdir'])
+distributed.define_flags()
 
 
 def main(argv):
@@ -30,6 +31,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
   train.add_cpu_xla_flags()
   try:
+    distributed.initialize_from_flags()
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except (DatasetNotPreparedError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from nar_jax import config as config_lib
-from nar_jax import files, report, train
+from nar_jax import distributed, files, report, train
 from nar_jax import workdir as workdir_lib
 from nar_jax.workdir import CONFIG_FILE, write_config  # noqa: F401  (the workdir's config.json)
 from nar_jax.phases import alternating, derive, loop, pretrain, retrain, search
@@ -38,7 +38,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Context, Net
                'eval_batch_size'):
     train.check_batch_size(config_lib.field(config, name), mesh, f'config.{name}')
   os.makedirs(workdir, exist_ok=True)
-  write_config(config, workdir)
+  if distributed.is_main_process():
+    write_config(config, workdir)
   ctx = Context(config, workdir, mesh, Log(workdir), jax.random.PRNGKey(config.seed))
   nets = Networks.of(config, workdir)
   splits = nets.splits
@@ -108,12 +109,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       derived = searched(ctx, nets)
       arch = nets.space.validate(derived['best']['arch'])
-    files.write_json(os.path.join(workdir, 'arch.json'), {
-        'space': nets.space.name, 'nodes': nets.node_names,
-        'arch': nets.space.names(arch), 'op_indices': list(arch),
-        'valid_acc': derived['best']['valid_acc'] if derived else None,
-        'source': derived['best']['source'] if derived else 'config.arch',
-    })
+    if distributed.is_main_process():
+      files.write_json(os.path.join(workdir, 'arch.json'), {
+          'space': nets.space.name, 'nodes': nets.node_names,
+          'arch': nets.space.names(arch), 'op_indices': list(arch),
+          'valid_acc': derived['best']['valid_acc'] if derived else None,
+          'source': derived['best']['source'] if derived else 'config.arch',
+      })
     refined = cached(ctx, 'retrain_refined', lambda: retrain.run(ctx, nets, 'refined', arch))
     if arch == baseline:
       base = refined
@@ -122,9 +124,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
       base = None  # Not retrained: the report shows no baseline test accuracy.
     result = report.build(nets, arch, derived, refined, base)
-    report.write(workdir, result, nets.family)
-    with open(os.path.join(workdir, 'report.md')) as f:
-      ctx.log.text('report', f.read())
+    if distributed.is_main_process():
+      report.write(workdir, result, nets.family)
+      with open(os.path.join(workdir, 'report.md')) as f:
+        ctx.log.text('report', f.read())
   finally:
     ctx.log.close()
   ctx.log.info(f'report: {os.path.join(workdir, "report.md")}')

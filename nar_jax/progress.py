@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nar_jax import tensorboard
+from nar_jax import distributed, tensorboard
 
 
 def _clock(seconds: float) -> str:
@@ -25,11 +25,15 @@ def _clock(seconds: float) -> str:
 class Log:
   """Progress lines on stdout and one JSON object per line in ``metrics.jsonl``, also
   written as TensorBoard events to ``<workdir>/tensorboard/`` (opened at the first record
-  or text; :meth:`close` closes it)."""
+  or text; :meth:`close` closes it).
+
+  In a multi-process run only process 0 prints and writes
+  (:func:`nar_jax.distributed.is_main_process`); the others' logs do nothing."""
 
   def __init__(self, workdir: str, verbose: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.verbose = verbose
+    self.writes = distributed.is_main_process()
+    self.verbose = verbose and self.writes
     self.start = time.time()
     self._tensorboard = None
 
@@ -42,7 +46,8 @@ class Log:
     return self._tensorboard
 
   def text(self, tag: str, text: str) -> None:
-    self.tensorboard.text(tag, text)
+    if self.writes:
+      self.tensorboard.text(tag, text)
 
   def close(self) -> None:
     if self._tensorboard is not None:
@@ -54,6 +59,8 @@ class Log:
       print(f'[{_clock(time.time() - self.start)}] {message}', flush=True)
 
   def record(self, **fields: Any) -> None:
+    if not self.writes:
+      return
     fields = {k: np.asarray(v).tolist() if isinstance(v, (np.ndarray, np.generic, jax.Array)) else v
               for k, v in fields.items()}
     writer = self.tensorboard  # Before the line is appended: it replays the earlier ones.

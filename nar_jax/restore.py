@@ -89,6 +89,6 @@ def verification_distances(net: Retrained, pair_set: str) -> tuple[np.ndarray, n
   pairs = faces.load_verification_set(os.path.join(directory, f'{pair_set}.bin'),
                                       splits.image_shape)
   embeddings = verification.embed_images(
-      lambda x: embed(net.variables, train.shard(ctx.mesh, x)), pairs.images,
+      lambda x: embed(net.variables, train.shard_whole(ctx.mesh, x)), pairs.images,
       batch_size=ctx.config.eval_batch_size)
   return verification.pair_distances(embeddings), np.asarray(pairs.issame)

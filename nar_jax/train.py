@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from nar_jax import controller, reinforce, verification
+from nar_jax import controller, distributed, reinforce, verification
 from nar_jax import policy as policy_lib
 from nar_jax.data.augment import augment, normalize
 from nar_jax.models import nodes
@@ -199,10 +199,18 @@ def controller_optimizer(cfg) -> optax.GradientTransformation:
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """1-D mesh ``data`` over the first ``num_devices`` devices (0 = all)."""
-  devices = jax.devices()
+  """1-D mesh ``data`` over the first ``num_devices`` devices (0 = all).
+
+  Devices are ordered by process, so each process holds one contiguous share of every
+  global batch (:func:`nar_jax.distributed.process_rows`). A multi-process run uses
+  every device of every process.
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if num_devices < 0 or num_devices > len(devices):
     raise ValueError(f'asked for {num_devices} devices but {len(devices)} are available')
+  if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+    raise ValueError(f'a run of {jax.process_count()} processes uses all {len(devices)} '
+                     f'devices; config.num_devices is {num_devices} (use 0)')
   return Mesh(np.asarray(devices[:num_devices or len(devices)]), (DATA_AXIS,))
 
 
@@ -214,11 +222,28 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch size') -> N
                      f'use a multiple of {n}')
 
 
-def shard(mesh: Mesh, array: np.ndarray, batch_axis: int = 0) -> jax.Array:
-  """Places a host array on the mesh, split along ``batch_axis`` over ``data``."""
-  spec = [None] * array.ndim
+def shard(mesh: Mesh, rows: np.ndarray, batch_axis: int = 0) -> jax.Array:
+  """The global array, split along ``batch_axis`` over ``data``, of which ``rows`` are
+  this process's share (:func:`nar_jax.distributed.process_rows`; with one process,
+  the whole batch).
+
+  Every process calls it with its own rows, of the same shape; the global batch is
+  ``process_count`` times as long.
+  """
+  spec = [None] * rows.ndim
   spec[batch_axis] = DATA_AXIS
-  return jax.device_put(array, NamedSharding(mesh, P(*spec)))
+  global_shape = list(rows.shape)
+  global_shape[batch_axis] *= jax.process_count()
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P(*spec)),
+                                                np.asarray(rows), tuple(global_shape))
+
+
+def shard_whole(mesh: Mesh, batch: np.ndarray, batch_axis: int = 0) -> jax.Array:
+  """:func:`shard` of a global batch every process holds whole (e.g. a batch of
+  verification images): each process contributes its own rows of it."""
+  index = [slice(None)] * np.ndim(batch)
+  index[batch_axis] = distributed.process_rows(np.shape(batch)[batch_axis])
+  return shard(mesh, np.asarray(batch)[tuple(index)], batch_axis)
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
@@ -409,14 +434,17 @@ def make_embed_step(model: nn.Module, mesh: Mesh, *, mean, std):
   """Builds ``embed(variables, images) -> (B, D)`` for a fixed face network.
 
   ``images`` are uint8 ``(B, H, W, C)`` sharded over ``data``; the embeddings come
-  back sharded the same way (BatchNorm with running averages, no dropout).
+  back replicated (gathered from every device), so every process can read them all
+  (BatchNorm with running averages, no dropout).
   """
 
   def device_embed(variables, images):
-    return model.apply(variables, normalize(images, mean, std), train=False, method='embed')
+    e = model.apply(variables, normalize(images, mean, std), train=False, method='embed')
+    return jax.lax.all_gather(e, DATA_AXIS, tiled=True)
 
+  # The replication checker cannot see through all_gather, hence check_vma=False.
   return jit(jax.shard_map(device_embed, mesh=mesh, in_specs=(P(), P(DATA_AXIS)),
-                           out_specs=P(DATA_AXIS)))
+                           out_specs=P(), check_vma=False))
 
 
 def _accuracy_reward(model, mesh, mean, std, batch_statistics):

@@ -39,7 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from nar_jax import config as config_lib
-from nar_jax import families, pipeline, tasks, train
+from nar_jax import distributed, families, pipeline, tasks, train
 from nar_jax.data import DatasetNotPreparedError
 
 NETWORKS = ('nas_arch', 'resnet20_wide')
@@ -166,10 +166,11 @@ def run(study: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                    'params': refined['params'],
                    'macs': refined['macs'], 'workdir': run_dir})
   result = {'tasks': {t: study.tasks[t].name for t in TASKS}, 'rows': rows}
-  with open(os.path.join(workdir, 'transfer.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(workdir, 'transfer.md'), 'w') as f:
-    f.write(markdown(result))
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, 'transfer.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+    with open(os.path.join(workdir, 'transfer.md'), 'w') as f:
+      f.write(markdown(result))
   return result
 
 
@@ -214,11 +215,13 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   train.add_cpu_xla_flags()
   try:
+    distributed.initialize_from_flags()
     result = run(flags.FLAGS.config, flags.FLAGS.workdir)
   except (DatasetNotPreparedError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(2)
-  print(markdown(result))
+  if distributed.is_main_process():
+    print(markdown(result))
 
 
 if __name__ == '__main__':
@@ -227,4 +230,5 @@ if __name__ == '__main__':
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory of the study.')
   flags.mark_flags_as_required(['config', 'workdir'])
+  distributed.define_flags()
   app.run(main, argv=config_lib.resolve_config_argv(sys.argv))

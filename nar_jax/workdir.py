@@ -29,7 +29,7 @@ from typing import Any, Iterator, NamedTuple
 import ml_collections
 
 from nar_jax import config as config_lib
-from nar_jax import files
+from nar_jax import distributed, files
 
 CONFIG_FILE = 'config.json'
 """The resolved config of a run, in its workdir (written by ``pipeline.setup``)."""
@@ -402,8 +402,17 @@ def claim(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Phase | N
   compares the config with its ``config.json`` (:func:`apply_config`); yields the phase
   an allowed continuation recomputes from (None: nothing). Every check comes before
   anything is trained or removed. ``config.json`` itself is written by the run once its
-  data and devices accept the config (``pipeline.setup``)."""
+  data and devices accept the config (``pipeline.setup``).
+
+  In a multi-process run process 0 alone checks, locks and compares (removing what a
+  continuation recomputes) while the others wait for it; they yield None."""
   config_lib.validate(config)
+  if not distributed.is_main_process():
+    distributed.barrier('nar_jax.workdir.claim')
+    yield None
+    return
   check_writable(workdir)
   with lock(workdir):
-    yield apply_config(config, workdir)
+    phase = apply_config(config, workdir)
+    distributed.barrier('nar_jax.workdir.claim')
+    yield phase

@@ -235,6 +235,15 @@ def test_batches_without_shuffle_keep_order():
   chex.assert_trees_all_equal(got, [np.arange(5), np.arange(5, 10)])
 
 
+def test_batches_rows_are_each_process_share_of_the_same_batches():
+  split = _id_split(100)
+  whole = [y for _, y in data.batches(split, 16, seed=2, epoch=1)]
+  shares = [[y for _, y in data.batches(split, 16, seed=2, epoch=1, rows=slice(p * 8, p * 8 + 8))]
+            for p in range(2)]
+  for b, batch in enumerate(whole):
+    np.testing.assert_array_equal(np.concatenate([shares[0][b], shares[1][b]]), batch)
+
+
 @pytest.mark.parametrize('batch_size', [0, -3, 11])
 def test_batches_reject_bad_batch_size(batch_size):
   split = _id_split(10)

@@ -187,6 +187,7 @@ def batches(
     epoch: int,
     shuffle: bool = True,
     drop_remainder: bool = True,
+    rows: slice = slice(None),
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Iterates over one epoch of a split in minibatches.
 
@@ -203,10 +204,13 @@ def batches(
     epoch: non-negative epoch number.
     shuffle: permute the examples; otherwise keep the split's order.
     drop_remainder: drop the last incomplete batch.
+    rows: the rows of each batch to read, e.g. one process's share of a global
+      batch (`nar_jax.distributed.process_rows`); all of them by default.
 
   Returns:
-    An iterator of ``(images, labels)``: uint8 (B, H, W, C) and int32 (B,)
-    numpy arrays (a lazily decoded split decodes each batch as it is drawn).
+    An iterator of ``(images, labels)``: uint8 (R, H, W, C) and int32 (R,)
+    numpy arrays of the ``R`` selected rows of each batch (a lazily decoded split
+    decodes only those, as each batch is drawn).
 
   Raises:
     ValueError: invalid `batch_size` (raised here, not at the first batch).
@@ -216,13 +220,13 @@ def batches(
     order = np.random.default_rng([seed, epoch]).permutation(len(split))
   else:
     order = np.arange(len(split))
-  return _iterate(split, order, batch_size, count)
+  return _iterate(split, order, batch_size, count, rows)
 
 
-def _iterate(split: Split, order: np.ndarray, batch_size: int,
-             count: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _iterate(split: Split, order: np.ndarray, batch_size: int, count: int,
+             rows: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   for b in range(count):
-    idx = order[b * batch_size:(b + 1) * batch_size]
+    idx = order[b * batch_size:(b + 1) * batch_size][rows]
     yield split.images[idx], split.labels[idx]
 
 

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from nar_jax import config as config_lib
-from nar_jax import data, families, files, ops, reinforce, tasks
+from nar_jax import data, distributed, families, files, ops, reinforce, tasks
 from nar_jax import policy as policy_lib
 from nar_jax.progress import Log
 
@@ -35,7 +35,8 @@ i-th random architecture): each member's key is the family's key folded with ``i
 
 
 class Results:
-  """Finished phases' results: ``<workdir>/results/<phase>.json``, written atomically."""
+  """Finished phases' results: ``<workdir>/results/<phase>.json``, written atomically
+  by process 0."""
 
   def __init__(self, workdir: str):
     self.workdir = workdir
@@ -48,7 +49,9 @@ class Results:
     return files.read_json(path) if os.path.exists(path) else None
 
   def save(self, phase: str, result: dict) -> None:
-    files.write_json(self.path(phase), result)
+    """Records ``result`` (process 0 writes it; every process computed it)."""
+    if distributed.is_main_process():
+      files.write_json(self.path(phase), result)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from nar_jax import config as config_lib
-from nar_jax import data, train
+from nar_jax import data, distributed, train
 from nar_jax.checkpoint import PhaseCheckpoints
 from nar_jax.errors import NonFiniteError
 from nar_jax.phases.context import Context
@@ -80,7 +80,8 @@ def train_epoch(step_fn: Callable, state: train.TrainState, split: data.Split, b
   first_step_s = None
   tick = time.time()
   # The next batch is read (and, for faces, JPEG-decoded) while the device trains.
-  batches = data.prefetch(data.batches(split, batch_size, seed=seed, epoch=epoch))
+  batches = data.prefetch(data.batches(split, batch_size, seed=seed, epoch=epoch,
+                                       rows=distributed.process_rows(batch_size)))
   for i, (images, labels) in enumerate(batches):
     state, metrics = step_fn(state, train.shard(mesh, images), train.shard(mesh, labels), key,
                              sampler_params)
@@ -116,7 +117,8 @@ def scan_epoch(step_fn: Callable, state: train.TrainState, split: data.Split, ba
   """:func:`train_epoch` as one :func:`train.scan_epoch` call: the same batches in the
   same order, put on the devices at once. ``step_s`` is the epoch's wall time per
   step; when the call compiled the scan, ``first_step_s`` is that whole call."""
-  images, labels = zip(*data.batches(split, batch_size, seed=seed, epoch=epoch))
+  images, labels = zip(*data.batches(split, batch_size, seed=seed, epoch=epoch,
+                                     rows=distributed.process_rows(batch_size)))
   epoch_fn = train.scan_epoch(step_fn)
   compiled_before = epoch_fn._cache_size()
   tick = time.time()
@@ -164,13 +166,18 @@ def check_finite_scores(phase: str, what: str, values: dict[str, float]) -> None
 
 def evaluate_split(eval_fn: Callable, variables: Any, split: data.Split, batch_size: int,
                    mesh: Any, op_indices: Any = None) -> dict[str, float]:
-  """Accuracy and mean loss over a whole split (last batch padded, padding weighted 0)."""
+  """Accuracy and mean loss over a whole split (last batch padded, padding weighted 0).
+
+  Each process reads (and, for a lazy split, decodes) only its rows of each batch.
+  """
   sums = {'correct': 0.0, 'loss': 0.0, 'count': 0.0}
+  rows = distributed.process_rows(batch_size)
   for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    weights = np.ones(len(labels), np.float32)
-    pad = batch_size - len(labels)
+    index = np.arange(start + rows.start, start + rows.stop)
+    real = index[index < len(split)]
+    images, labels = split.images[real], split.labels[real]
+    weights = np.ones(len(real), np.float32)
+    pad = len(index) - len(real)
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
       labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])

@@ -19,7 +19,7 @@ def evaluator(ctx: Context, phase: str) -> tasks.Evaluator:
 
   def embedder(model, variables, splits):
     embed = train.make_embed_step(model, ctx.mesh, mean=splits.mean, std=splits.std)
-    return lambda images: embed(variables, train.shard(ctx.mesh, images))
+    return lambda images: embed(variables, train.shard_whole(ctx.mesh, images))
 
   return tasks.Evaluator(ctx.config, ctx.workdir, phase, ctx.log, accuracy, embedder)
 

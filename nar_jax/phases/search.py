@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nar_jax import data, tasks, train
+from nar_jax import data, distributed, tasks, train
 from nar_jax import policy as policy_lib
 from nar_jax.errors import NonFiniteError
 from nar_jax.phases import loop, supernet
@@ -23,7 +23,10 @@ from nar_jax.phases.context import Context, Networks
 def controller_batches(ctx: Context, reward: tasks.RewardData, epoch: int,
                        update: int) -> tuple[np.ndarray, np.ndarray]:
   """One minibatch per architecture: ``(M, B, H, W, C)`` images and ``(M, B)`` labels, or
-  for verification rewards ``B / 2`` pairs per architecture and ``(M, B / 2)`` issame."""
+  for verification rewards ``B / 2`` pairs per architecture and ``(M, B / 2)`` issame.
+
+  Of the images (and labels), only this process's rows of each minibatch
+  (:func:`nar_jax.distributed.process_rows`) are read; issame is whole."""
   c = ctx.config.search.controller
   rng = np.random.default_rng([ctx.config.seed, epoch, update])
   per_target = reward.images_per_target
@@ -31,7 +34,10 @@ def controller_batches(ctx: Context, reward: tasks.RewardData, epoch: int,
                                replace=False) for _ in range(c.num_aggregate)])
   image_index = index if per_target == 1 else np.stack([2 * index, 2 * index + 1], -1).reshape(
       len(index), -1)
-  return reward.images[image_index], reward.targets[index]
+  rows = distributed.process_rows(c.valid_batch_size)
+  if per_target == 1:
+    return reward.images[image_index[:, rows]], reward.targets[index[:, rows]]
+  return reward.images[image_index[:, rows]], reward.targets[index]
 
 
 def controller_update(ctx: Context, nets: Networks, policy: policy_lib.Policy, ctrl_tx,
