@@ -7,6 +7,13 @@ Prints one JSON line per setting: per-epoch train loss / accuracy and the final
 validation accuracies.
 
   PYTHONPATH=. python benchmarks/supernet_learning.py --settings=default,lr0.2
+
+``--archs_per_step=1,2,4`` repeats each setting with that many architectures per step
+(``search.archs_per_step``: groups of devices, the same global batch and images), e.g.
+on four fake CPU devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 PYTHONPATH=. \
+    python benchmarks/supernet_learning.py --archs_per_step=1,2,4
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ _SETTINGS = flags.DEFINE_list('settings', ['default'], 'comma-separated settings
 _EPOCHS = flags.DEFINE_integer('epochs', 4, 'epochs of uniform training')
 _ARCHS = flags.DEFINE_integer('archs', 4, 'random architectures scored at the end')
 _CONFIG = flags.DEFINE_string('config', 'configs/quickstart.py', 'config file')
+_ARCHS_PER_STEP = flags.DEFINE_list('archs_per_step', ['1'],
+                                    'architectures per step (each setting runs with each)')
+_OUT = flags.DEFINE_string('out', None, 'also append the JSON lines to this file')
 
 
 def load(path):
@@ -77,7 +87,7 @@ def sampler_fn(name, nets):
   raise ValueError(name)
 
 
-def run_setting(setting):
+def run_setting(setting, archs_per_step=1):
   sampler = 'uniform'
   if '@' in setting:  # setting@sampler plan
     setting, sampler = setting.split('@')
@@ -94,7 +104,8 @@ def run_setting(setting):
     tx = supernet.child_optimizer(ctx, nets)
     state = supernet.initial_state(ctx, nets, tx)
     steps = {name: supernet.child_step(ctx, nets, tx,
-                                       lambda key, _, f=sampler_fn(name, nets): f(key))
+                                       lambda key, _, f=sampler_fn(name, nets): f(key),
+                                       archs_per_step)
              for name in set(plan)}
     batch = c.child.batch_size
     per_epoch = data.num_batches(nets.splits.train, batch)
@@ -112,10 +123,14 @@ def run_setting(setting):
   archs = [tuple(int(rng.choice(np.flatnonzero(m))) for m in mask) for _ in range(_ARCHS.value)]
   scores = [supernet.valid_accuracy(ctx, nets, eval_fn, state.variables, a) for a in archs]
   base = supernet.valid_accuracy(ctx, nets, eval_fn, state.variables, nets.space.baseline())
-  return {'setting': setting, 'sampler': sampler, 'seconds': round(seconds, 1),
+  return {'setting': setting, 'sampler': sampler, 'archs_per_step': archs_per_step,
+          'devices': ctx.mesh.devices.size, 'batch': batch,
+          'images': len(plan) * per_epoch * batch, 'seconds': round(seconds, 1),
           'train_loss': [round(r['train_loss'], 3) for r in epochs],
           'train_acc': [round(r['train_acc'], 3) for r in epochs],
-          'valid_random': [round(s, 3) for s in scores], 'valid_baseline': round(base, 3)}
+          'valid_random': [round(s, 3) for s in scores],
+          'valid_random_mean': round(float(np.mean(scores)), 4),
+          'valid_baseline': round(base, 3)}
 
 
 def main(argv):
@@ -124,7 +139,12 @@ def main(argv):
   del argv
   train.add_cpu_xla_flags()
   for setting in _SETTINGS.value:
-    print(json.dumps(run_setting(setting)), flush=True)
+    for k in _ARCHS_PER_STEP.value:
+      line = json.dumps(run_setting(setting, int(k)))
+      print(line, flush=True)
+      if _OUT.value:
+        with open(_OUT.value, 'a') as f:
+          f.write(line + '\n')
 
 
 if __name__ == '__main__':

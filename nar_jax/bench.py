@@ -41,6 +41,10 @@ choice; fixed networks have none), the settings, and:
   ``loop`` says which loop: ``scan`` (``config.scan_epoch``, the epoch as one
   ``lax.scan`` over device-resident batches, timed on its second, compiled call) or
   ``step`` (one jitted call per minibatch); default :func:`default_loop`;
+* ``archs_per_step`` (``--archs_per_step``: architectures each supernet step trains, one
+  per group of devices, :func:`nar_jax.train.make_train_step`), ``images_per_s`` (the
+  global batch over ``supernet_step_s``) and ``archs_per_s`` (``archs_per_step`` over
+  ``supernet_step_s``: sampled architectures trained per second);
 * ``peak_rss_mb`` and, on accelerators, ``peak_device_mb``.
 
 Figures are measured on whatever machine runs this; compare ratios from one run.
@@ -84,6 +88,9 @@ _ARCHS = flags.DEFINE_integer('archs', 1, 'Random architectures timed as fixed n
                               lower_bound=1)
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _OUT = flags.DEFINE_string('out', None, 'Also append the JSON lines to this file.')
+_ARCHS_PER_STEP = flags.DEFINE_integer(
+    'archs_per_step', 1, 'Architectures the supernet step trains (search.archs_per_step): one '
+    'per group of devices; must divide the device count.', lower_bound=1)
 _LOOP = flags.DEFINE_enum('loop', None, ['scan', 'step'],
                           'Search loop timed for search_loop_overhead: one lax.scan per epoch '
                           '(config.scan_epoch) or one jitted call per step (default: scan for '
@@ -184,11 +191,13 @@ def _timed(fn, calls: int, lock: str | None = None) -> tuple[list[float], list[f
 
 
 def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
-             image: int | None = None, loop: str | None = None, lock: str | None = None) -> dict:
+             image: int | None = None, loop: str | None = None, lock: str | None = None,
+             archs_per_step: int = 1) -> dict:
   """Measures one case (:func:`parse_case`); see the module docstring for the fields.
 
   ``image`` defaults to the case's (32 / 112 pixels), ``loop`` to :func:`default_loop`;
-  ``lock``: see :func:`exclusive`.
+  ``lock``: see :func:`exclusive`; ``archs_per_step``: architectures per supernet step
+  (the paired steps give every group the same architecture).
   """
   if steps < 1 or num_archs < 1:
     raise ValueError(f'steps and num_archs must be positive, got {steps} and {num_archs}')
@@ -199,6 +208,7 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
   space, stats = c.space, c.stats
   mesh = train.make_mesh()
   train.check_batch_size(batch, mesh)
+  train.check_archs_per_step(archs_per_step, mesh)
   compute_dtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
   mask = space.candidate_mask()
   rng = np.random.default_rng(0)
@@ -228,7 +238,8 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
     return jax.lax.cond(p['given'], lambda: p['arch'],
                         lambda: controller.sample(p['ctrl'], k, jmask).arch)
 
-  supernet_step = train.make_train_step(supernet, tx, mesh, **stats, sample_arch=sample_or_given)
+  supernet_step = train.make_train_step(supernet, tx, mesh, **stats, sample_arch=sample_or_given,
+                                        archs_per_step=archs_per_step)
   sampler = {'ctrl': ctrl, 'arch': jnp.asarray(space.baseline(), jnp.int32),
              'given': jnp.asarray(False)}
   holder = {'state': state0}
@@ -312,7 +323,9 @@ def run_case(case: str, batch: int, steps: int, num_archs: int, dtype: str,
       'fixed_step_s': statistics.median(fixed),
       'ratio': sum(paired) / sum(fixed),
       'ratio_cpu': sum(paired_cpu) / sum(fixed_cpu),
+      'archs_per_step': archs_per_step,
       'images_per_s': batch / statistics.median(sampled_s),
+      'archs_per_s': archs_per_step / statistics.median(sampled_s),
       'compile_s': compile_s,
       'compile_cpu_s': compile_cpu_s,
       'controller_update_s': controller_update_s,
@@ -334,7 +347,7 @@ def main(argv):
     parse_case(case, jax.devices()[0].platform)  # Fail on a bad name before measuring anything.
   for case in cases:
     result = run_case(case, _BATCH.value, _STEPS.value, _ARCHS.value, _DTYPE.value,
-                      _IMAGE.value, _LOOP.value, _LOCK.value)
+                      _IMAGE.value, _LOOP.value, _LOCK.value, _ARCHS_PER_STEP.value)
     if _NOTE.value:
       result['note'] = _NOTE.value
     line = json.dumps(result)

@@ -168,6 +168,12 @@ def base_config() -> ml_collections.ConfigDict:
       # policy (uniform, or controller.original_prob's start), no controller updates, then
       # derive keeps the best of derive.num_samples such architectures.
       method='controller',
+      # Architectures the shared weights train per search step (every search method):
+      # the devices form archs_per_step groups of consecutive devices (their count must
+      # divide by it), each samples its own architecture and trains it on its share of
+      # the global batch (nar_jax.train.make_train_step; README, "Design notes"). 1:
+      # one architecture per step on every device. Pretraining samples one per step.
+      archs_per_step=1,
   ))
 
   # The alternating search (search.method='alternating'): each phase runs
@@ -288,6 +294,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.search.method not in SEARCH_METHODS:
     raise ValueError(f'config.search.method must be one of {", ".join(SEARCH_METHODS)}, '
                      f'got {config.search.method!r}')
+  if not isinstance(config.search.archs_per_step, int) or config.search.archs_per_step < 1:
+    raise ValueError(f'config.search.archs_per_step must be a positive integer (a divisor of '
+                     f'the device count), got {config.search.archs_per_step!r}')
   if config.search.cost.target_macs < 0:
     raise ValueError(f'config.search.cost.target_macs must be >= 0 (0: accuracy alone), '
                      f'got {config.search.cost.target_macs}')

@@ -37,6 +37,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> tuple[Context, Net
   for name in ('child.batch_size', 'retrain.batch_size', 'search.controller.valid_batch_size',
                'eval_batch_size'):
     train.check_batch_size(config_lib.field(config, name), mesh, f'config.{name}')
+  try:
+    train.check_archs_per_step(config.search.archs_per_step, mesh)
+  except ValueError as e:
+    raise ValueError(f'config.search.archs_per_step: {e}') from None
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_main_process():
     write_config(config, workdir)

@@ -11,6 +11,19 @@ The architecture of a supernet step is sampled *inside* the step (from the
 controller, or uniformly during pretraining) from a traced key, so there is no host
 round trip per minibatch and one trace serves every architecture.
 
+Several architectures per step (``archs_per_step = k > 1``). The ``n`` devices are
+viewed as a 2-D mesh ``(arch, data)`` of ``k`` groups of ``n / k`` consecutive
+devices (:func:`arch_group_mesh`); group ``g`` samples its own architecture and
+trains it on its ``1 / k`` of the global batch. The loss is the global-batch mean,
+so a branch used by several groups gets the sum of their gradient shares; the
+branches no group used stay frozen with their optimizer state. Every BatchNorm
+normalises with its group's statistics (synchronised over ``data`` only), and a
+branch's running averages become the mean of the updates of the groups that used it
+(:func:`average_group_stats`). The parameters are cast to vary over ``arch`` before
+the network runs: otherwise the transpose of that cast, a ``psum`` over every device,
+sits inside each ``lax.switch`` branch and devices taking different branches sum
+unrelated values (README, "Design notes": several architectures per step).
+
 Unselected branches. A child step updates only what the sampled architecture used:
 parameters *and* optimizer state (momentum) of unselected branches are left exactly
 as they were, so momentum and weight decay never move weights that received no
@@ -28,6 +41,7 @@ from typing import Any, Callable
 import flax
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -39,6 +53,7 @@ from nar_jax.data.augment import augment, normalize
 from nar_jax.models import nodes
 
 DATA_AXIS = 'data'
+ARCH_AXIS = 'arch'
 
 
 def jit(fn: Callable, *, runs_once: bool = False) -> Callable:
@@ -251,6 +266,29 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def check_archs_per_step(archs_per_step: int, mesh: Mesh) -> None:
+  """Raises ``ValueError`` unless ``archs_per_step`` is a positive divisor of the
+  mesh's device count (each architecture trains on a group of whole devices)."""
+  n = mesh.devices.size
+  if not isinstance(archs_per_step, (int, np.integer)) or archs_per_step < 1 or n % archs_per_step:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    raise ValueError(f'archs_per_step must be a positive divisor of the device count {n} '
+                     f'(one group of devices per architecture): one of {divisors}, '
+                     f'got {archs_per_step!r}')
+
+
+def arch_group_mesh(mesh: Mesh, archs_per_step: int) -> Mesh:
+  """The devices of the 1-D ``data`` mesh as a 2-D mesh ``(arch, data)``:
+  ``archs_per_step`` groups (rows) of ``n / archs_per_step`` consecutive devices.
+
+  A batch split over ``data`` on ``mesh`` is split over ``(arch, data)`` on the result
+  with every example on the same device: group ``g`` holds examples
+  ``[g B / k, (g + 1) B / k)`` of a global batch of ``B``.
+  """
+  check_archs_per_step(archs_per_step, mesh)
+  return Mesh(mesh.devices.reshape(archs_per_step, -1), (ARCH_AXIS, DATA_AXIS))
+
+
 # ---------------------------------------------------------------------------------------
 # Steps.
 # ---------------------------------------------------------------------------------------
@@ -277,9 +315,53 @@ ArchSampler = Callable[[jax.Array, Any], jax.Array]
 UsedMask = Callable[[Any, jax.Array], Any]
 
 
+def sample_group_archs(sample_arch: ArchSampler, key: jax.Array, sampler_params: Any,
+                       archs_per_step: int) -> jax.Array:
+  """``(archs_per_step, N)``: group ``g``'s architecture from the ``g``-th of
+  ``archs_per_step`` keys split from ``key`` (``sample_arch`` as in :func:`make_train_step`)."""
+  keys = jax.random.split(key, archs_per_step)
+  return jax.vmap(lambda k: sample_arch(k, sampler_params))(keys)
+
+
+def _psum_groups(tree: Any) -> Any:
+  """``psum`` over ``arch`` of every leaf of a float32 pytree, as one packed collective
+  (inside ``shard_map`` over :func:`arch_group_mesh`)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(tree)
+  return unravel(jax.lax.psum(flat, ARCH_AXIS))
+
+
+def count_groups(mask: Any) -> Any:
+  """Int32 scalar pytree like the scalar boolean ``mask``: how many groups (over
+  ``arch``, inside ``shard_map``) have each leaf True; one packed ``psum``."""
+  leaves, treedef = jax.tree.flatten(mask)
+  counts = jax.lax.psum(jnp.stack([jnp.asarray(m, jnp.int32) for m in leaves]), ARCH_AXIS)
+  return jax.tree.unflatten(treedef, list(counts))
+
+
+def average_group_stats(new: Any, old: Any, used: Any) -> Any:
+  """BatchNorm running averages combined over the groups of ``arch`` (inside ``shard_map``).
+
+  ``new``: this group's updated statistics, ``old``: the step's input (replicated),
+  ``used``: this group's scalar boolean mask (``used_mask(batch_stats, arch)``). A leaf
+  some group used becomes the mean of those groups' ``new``; a leaf no group used
+  becomes ``old`` plus the mean over all groups of ``new - old``: exactly ``old`` for an
+  unselected branch (no group changed it), the mean update for a layer every group
+  ran without using its output (the joint space's unread reductions, as one group
+  would update it). Returns replicated statistics like ``old``.
+  """
+  counts = count_groups(used)
+  users_sum = _psum_groups(jax.tree.map(lambda n, u: jnp.where(u, n, 0.0), new, used))
+  drift_sum = _psum_groups(jax.tree.map(lambda n, o: n - o, new, old))
+  groups = jax.lax.axis_size(ARCH_AXIS)
+  return jax.tree.map(
+      lambda c, s, d, o: jnp.where(c > 0, s / jnp.maximum(c, 1).astype(s.dtype), o + d / groups),
+      counts, users_sum, drift_sum, old)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
                     mean, std, crop_padding: int, flip: bool,
-                    sample_arch: ArchSampler | None, used_mask: UsedMask = nodes.branch_mask):
+                    sample_arch: ArchSampler | None, used_mask: UsedMask = nodes.branch_mask,
+                    archs_per_step: int = 1):
   """Builds ``step(state, images, labels, key, sampler_params) -> (state, metrics)``.
 
   Args:
@@ -294,27 +376,55 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
       architecture uses (the rest, and their optimizer state, are frozen). Default
       :func:`nar_jax.models.nodes.branch_mask` (one op index per node); the joint
       space needs :func:`nar_jax.models.macro.branch_mask` with its space bound.
+      With ``archs_per_step > 1`` it is also applied to the batch statistics.
+    archs_per_step: ``k``, architectures trained per step, a divisor of the mesh's
+      device count (:func:`check_archs_per_step`; ``k > 1`` needs ``sample_arch``).
+      ``1``: one architecture sampled from the step's arch key trains on every
+      device. ``k > 1``: ``k`` architectures from ``k`` keys split from it
+      (:func:`sample_group_archs`), group ``g`` of :func:`arch_group_mesh` trains the
+      ``g``-th on its consecutive ``B / k`` examples; the loss is the mean over the
+      global batch, each example under its group's architecture; a leaf is updated
+      (with its optimizer state) when any group's architecture uses it; BatchNorm
+      normalises with the group's statistics and running averages are combined by
+      :func:`average_group_stats` (module docstring).
 
   The returned function takes uint8 ``images (B, H, W, C)`` and int32 ``labels (B,)``
   sharded over ``data``, and ``sampler_params`` (controller parameters, or ``None``).
-  ``metrics`` holds ``loss``, ``accuracy``, ``grad_norm``, ``finite`` (whether the loss
-  and the gradient norm were finite: if not, the step was not applied) and the sampled
-  ``arch``.
+  ``metrics`` holds ``loss``, ``accuracy`` (over the global batch), ``grad_norm``,
+  ``finite`` (whether the loss and the gradient norm were finite: if not, the step was
+  not applied) and the sampled ``arch``: ``(num_nodes,)`` for ``k = 1``, ``(k,
+  num_nodes)`` (row ``g``: group ``g``'s) for ``k > 1``.
   """
+  check_archs_per_step(archs_per_step, mesh)
+  grouped = archs_per_step > 1
+  if grouped and sample_arch is None:
+    raise ValueError(f'archs_per_step={archs_per_step} trains several sampled architectures '
+                     f'per step: it needs a supernet and sample_arch (a fixed network has one)')
+  # The axes of the whole batch: every device's examples enter the loss and metrics.
+  batch_axes = (ARCH_AXIS, DATA_AXIS) if grouped else DATA_AXIS
 
   def device_step(state: TrainState, images, labels, op_indices, dropout_key):
     # Each device drops out different units of its own examples.
-    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+    dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(batch_axes))
+    if grouped:
+      op_indices = op_indices[0]  # this group's architecture, (num_nodes,)
 
     def loss_fn(params):
+      batch_stats = state.batch_stats
+      if grouped:
+        # Vary over 'arch' before any lax.switch: the cast's transpose (the gradient's
+        # sum over groups) then runs outside the conditionals, which devices of
+        # different groups take differently; inside them only 'data' is summed. The
+        # statistics too: every branch's (taken or not) leaves a switch varying.
+        params, batch_stats = jax.lax.pcast((params, batch_stats), (ARCH_AXIS,), to='varying')
       # ``labels``: a margin head (faces) adds its margin to each target logit.
-      logits, updated = model.apply({'params': params, 'batch_stats': state.batch_stats},
+      logits, updated = model.apply({'params': params, 'batch_stats': batch_stats},
                                     images, op_indices, train=True, labels=labels,
                                     rngs={'dropout': dropout_key}, mutable=['batch_stats'])
       # The global-batch mean: its gradient w.r.t. the replicated parameters is the
       # global gradient (the implicit replicated->varying casts sum over devices).
       loss = jax.lax.pmean(
-          optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), DATA_AXIS)
+          optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), batch_axes)
       return loss, (logits, updated['batch_stats'])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -322,6 +432,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     params = optax.apply_updates(state.params, updates)
     if op_indices is not None:
       used = used_mask(state.params, op_indices)
+      if grouped:  # used by any group's architecture
+        used = jax.tree.map(lambda count: count > 0, count_groups(used))
+        batch_stats = average_group_stats(batch_stats, state.batch_stats,
+                                          used_mask(state.batch_stats, op_indices))
       params = tree_where(used, params, state.params)
       opt_state = keep_unselected(used, jax.tree.structure(state.params), opt_state,
                                   state.opt_state)
@@ -335,15 +449,20 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
         (state.params, state.batch_stats, state.opt_state))
     metrics = {
         'loss': loss,
-        'accuracy': jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), DATA_AXIS),
+        'accuracy': jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), batch_axes),
         'grad_norm': grad_norm,
         'finite': finite,
     }
     return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
-  sharded = jax.shard_map(device_step, mesh=mesh,
-                          in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
-                          out_specs=(P(), P()))
+  if grouped:
+    sharded = jax.shard_map(device_step, mesh=arch_group_mesh(mesh, archs_per_step),
+                            in_specs=(P(), P(batch_axes), P(batch_axes), P(ARCH_AXIS), P()),
+                            out_specs=(P(), P()))
+  else:
+    sharded = jax.shard_map(device_step, mesh=mesh,
+                            in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS), P(), P()),
+                            out_specs=(P(), P()))
 
   @jit
   def step(state: TrainState, images, labels, key, sampler_params):
@@ -352,10 +471,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mesh: Me
     dropout_key = jax.random.fold_in(key, 2)
     x = normalize(images, mean, std)
     x = augment(augment_key, x, crop_padding=crop_padding, flip=flip)
-    op_indices = None if sample_arch is None else sample_arch(arch_key, sampler_params)
+    if sample_arch is None:
+      op_indices = None
+    elif grouped:
+      op_indices = sample_group_archs(sample_arch, arch_key, sampler_params, archs_per_step)
+    else:
+      op_indices = sample_arch(arch_key, sampler_params)
     state, metrics = sharded(state, x, labels, op_indices, dropout_key)
     if op_indices is not None:
       metrics['arch'] = op_indices
+    if grouped:  # replicated on the data mesh, as the inputs: the next step reuses this program
+      state, metrics = jax.lax.with_sharding_constraint(
+          (state, metrics), NamedSharding(mesh, P()))
     return state, metrics
 
   return step

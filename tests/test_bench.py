@@ -98,13 +98,15 @@ def test_run_case_measures_every_field_on_a_tiny_supernet():
                           image=16, loop='step')
   timings = ('supernet_step_s', 'paired_supernet_step_s', 'fixed_step_s', 'compile_s',
              'compile_cpu_s', 'controller_update_s', 'search_loop_overhead', 'images_per_s',
-             'ratio', 'ratio_cpu', 'peak_rss_mb')
+             'ratio', 'ratio_cpu', 'peak_rss_mb', 'archs_per_s')
   for name in timings:
     assert result[name] > 0, name
   # One paired architecture: the ratio is its supernet step over its fixed step.
   assert result['ratio'] == pytest.approx(result['paired_supernet_step_s'] /
                                           result['fixed_step_s'])
   assert result['images_per_s'] == pytest.approx(8 / result['supernet_step_s'])
+  assert result['archs_per_step'] == 1
+  assert result['archs_per_s'] == pytest.approx(1 / result['supernet_step_s'])
   assert (result['case'], result['choice'], result['width'], result['image'],
           result['loop']) == ('r18_w4@select', 'select', 4, 16, 'step')
   assert result['devices'] == jax.device_count()
@@ -114,3 +116,8 @@ def test_run_case_measures_every_field_on_a_tiny_supernet():
 def test_run_case_needs_a_timed_step_and_an_architecture(steps, archs):
   with pytest.raises(ValueError, match='positive'):
     bench.run_case('r18_w4', batch=8, steps=steps, num_archs=archs, dtype='float32')
+
+
+def test_run_case_rejects_archs_per_step_that_do_not_divide_the_devices():
+  with pytest.raises(ValueError, match='divisor of the device count'):
+    bench.run_case('r18_w4', batch=8, steps=1, num_archs=1, dtype='float32', archs_per_step=3)

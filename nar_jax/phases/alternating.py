@@ -32,7 +32,8 @@ def run(ctx: Context, nets: Networks, child: train.TrainState) -> tuple[dict[str
   state = search.initial_state(ctx, policies['operators'], ctrl_tx, child)
   tx = supernet.child_optimizer(ctx, nets)
   steps = {s: supernet.child_step(ctx, nets, tx,
-                                  lambda key, p, s=s: policies[s].sample(p[0], key, p[1]).arch)
+                                  lambda key, p, s=s: policies[s].sample(p[0], key, p[1]).arch,
+                                  ctx.config.search.archs_per_step)
            for s in alternating.PHASES}
   reward = nets.task.reward_data(ctx.config, ctx.workdir, nets.splits)
   updates = {s: search.controller_update(ctx, nets, policies[s], ctrl_tx, reward)

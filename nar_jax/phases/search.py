@@ -124,10 +124,12 @@ def run(ctx: Context, nets: Networks, child: train.TrainState) -> tuple[dict[str
   state = initial_state(ctx, policy, ctrl_tx, child)
   random_search = ctx.config.search.method == 'random'
   tx = supernet.child_optimizer(ctx, nets)
+  k = ctx.config.search.archs_per_step
   if random_search:  # the untrained policy's architectures, no controller updates
-    step_fn = supernet.child_step(ctx, nets, tx, lambda key, _: policy.uniform(key))
+    step_fn = supernet.child_step(ctx, nets, tx, lambda key, _: policy.uniform(key), k)
   else:
-    step_fn = supernet.child_step(ctx, nets, tx, lambda key, params: policy.sample(params, key).arch)
+    step_fn = supernet.child_step(ctx, nets, tx,
+                                  lambda key, params: policy.sample(params, key).arch, k)
   reward = nets.task.reward_data(ctx.config, ctx.workdir, nets.splits)
   update_fn = controller_update(ctx, nets, policy, ctrl_tx, reward)
   batch = ctx.config.child.batch_size

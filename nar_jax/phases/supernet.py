@@ -24,12 +24,15 @@ def initial_state(ctx: Context, nets: Networks, tx) -> train.TrainState:
       jnp.asarray(nets.space.baseline())))
 
 
-def child_step(ctx: Context, nets: Networks, tx, sample_arch: Callable) -> Callable:
-  """The supernet's train step with architectures from ``sample_arch(key, params)``."""
+def child_step(ctx: Context, nets: Networks, tx, sample_arch: Callable,
+               archs_per_step: int = 1) -> Callable:
+  """The supernet's train step with architectures from ``sample_arch(key, params)``,
+  ``archs_per_step`` of them per step (:func:`nar_jax.train.make_train_step`; the
+  search passes ``config.search.archs_per_step``)."""
   return train.make_train_step(
       nets.supernet(), tx, ctx.mesh, mean=nets.splits.mean, std=nets.splits.std,
       crop_padding=ctx.config.dataset.crop_padding, flip=ctx.config.dataset.flip,
-      sample_arch=sample_arch, used_mask=nets.used_mask)
+      sample_arch=sample_arch, used_mask=nets.used_mask, archs_per_step=archs_per_step)
 
 
 def eval_step(ctx: Context, nets: Networks) -> Callable:
