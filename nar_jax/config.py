@@ -18,7 +18,7 @@ from nar_jax import families, ops, tasks
 from nar_jax.models import heads
 
 SEARCH_METHODS = ('controller', 'alternating', 'random')
-DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces')
+DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces', 'imagenet2012')
 CONTROLLER_KINDS = ('enas', 'node_aware')
 """``search.controller.kind``: the keys of :data:`nar_jax.controller.VARIANTS`."""
 
