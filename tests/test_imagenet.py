@@ -389,6 +389,32 @@ def test_imagenet_split_is_what_the_loops_read(fake):
     data.num_batches(split, 32)
 
 
+def test_imagenet_split_of_two_processes_gives_each_its_rows(fake, monkeypatch):
+  """Process i of 2 reads rows of global batches from its half of the epoch: a training
+  epoch of 21 records in global batches of 8 is 2 batches of 4 rows on each (the hosts'
+  rows are disjoint); an evaluation in global batches of 10 is 3 batches on each, process
+  1's shard (10 records) ending with an empty batch so both take part in all three, and
+  the two processes' rows are every record once."""
+  from nar_jax import data  # noqa: PLC0415
+  split = imagenet.ImageNetSplit(Indexed(imagenet.open_split('train', fake[0])), size=16,
+                                 options=imagenet.InputOptions(threads=2))
+  monkeypatch.setattr(imagenet.jax, 'process_count', lambda: 2)
+  rows = {}
+  for index in (0, 1):
+    monkeypatch.setattr(imagenet.jax, 'process_index', lambda index=index: index)
+    trained = list(data.batches(split, 8, seed=0, epoch=0))
+    assert [len(b[1]) for b in trained] == [4, 4] and data.num_batches(split, 8) == 2
+    evals = list(data.batches(split, 10, seed=0, epoch=0, shuffle=False, drop_remainder=False))
+    assert data.num_batches(split, 10, drop_remainder=False) == 3
+    assert [len(b[1]) for b in evals] == ([5, 5, 1] if index == 0 else [5, 5, 0])
+    assert evals[-1][0].shape[1:] == (16, 16, 3)
+    rows[index] = (np.concatenate([b[1] for b in trained]), np.concatenate([b[1] for b in evals]))
+  assert not set(rows[0][0]) & set(rows[1][0])
+  assert sorted(np.concatenate([rows[0][1], rows[1][1]])) == list(range(FAKE_SIZES['train']))
+  with pytest.raises(ValueError, match='multiple of the 2 processes'):
+    data.num_batches(split, 7)
+
+
 def test_evaluate_split_of_the_validation_crops_gives_top1_and_top5(fake):
   """`loop.evaluate_split` over the streamed validation split (batches of 4, the last one
   padded) with a fixed linear model: top-1, top-5 and loss are numpy's over the central

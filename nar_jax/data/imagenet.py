@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import glob
 import io
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -366,18 +367,31 @@ class ImageNetSplit(sources.StreamedSplit):
   def batches(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
               drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch in this process's rows of global batches of ``batch_size``: uint8
-    ``(batch_size / process_count, size, size, 3)`` and int32 labels."""
+    ``(batch_size / process_count, size, size, 3)`` and int32 labels.
+
+    Without ``drop_remainder`` (an evaluation) the processes' shards differ by up to one
+    example; a process with fewer batches than `num_batches` ends with empty ones (0
+    rows, padded by the consumer), so every process takes part in every global batch.
+    """
     shard = process_shard(drop_remainder=drop_remainder)
-    return batches(self.source, process_batch(batch_size, shard.shard_count), train=shuffle,
-                   seed=seed, epoch=epoch, shard=shard, drop_remainder=drop_remainder,
-                   options=self.options, size=self.size)
+    rows = process_batch(batch_size, shard.shard_count)
+    it = batches(self.source, rows, train=shuffle, seed=seed, epoch=epoch, shard=shard,
+                 drop_remainder=drop_remainder, options=self.options, size=self.size)
+    if drop_remainder:
+      return it
+    missing = (self.num_batches(batch_size, drop_remainder=False)
+               - num_batches(len(self.source), rows, shard, False))
+    empty = (np.zeros((0, *self.image_shape), np.uint8), np.zeros((0,), np.int32))
+    return itertools.chain(it, itertools.repeat(empty, missing))
 
   def num_batches(self, batch_size: int, drop_remainder: bool = True) -> int:
-    """Batches of one epoch on this process (a training epoch drops the examples that do
-    not fill a batch on every process)."""
+    """Batches of one epoch on every process: a training epoch drops the examples that do
+    not fill a batch on every process; an evaluation covers the largest shard (the
+    first)."""
     shard = process_shard(drop_remainder=drop_remainder)
+    first = grain.sharding.ShardOptions(0, shard.shard_count, drop_remainder=drop_remainder)
     count = num_batches(len(self.source), process_batch(batch_size, shard.shard_count),
-                        shard, drop_remainder)
+                        first, drop_remainder)
     if drop_remainder and not count:
       raise ValueError(f'batch_size={batch_size} is larger than the split ({len(self)} '
                        'examples): an epoch would have no batch.')
