@@ -15,6 +15,9 @@ Known datasets (`load_splits(name)`):
   "Preparing CIFAR-10").
 * ``'synthetic'``: planted, learnable 16x16x3 data generated from a seed, for
   fast tests.
+
+A split too large for host memory (ImageNet) is a `StreamedSplit`: `batches`,
+`num_batches` and `merge` hand it to its own methods, which stream each epoch.
 """
 
 from __future__ import annotations
