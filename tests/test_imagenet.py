@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config_testing import load_config
 from nar_jax import space
 from nar_jax.families import resnet as resnet_family
 from nar_jax.data import DatasetNotPreparedError, fake_imagenet, imagenet
@@ -470,7 +471,6 @@ def test_imagenet_config_without_data_names_the_preparation(tmp_path):
   """The Table 6 config on a data_dir without imagenet2012: the task's data raises the
   manual-download message (nothing downloaded)."""
   from nar_jax import config as config_lib, tasks  # noqa: PLC0415
-  from config_testing import load_config  # noqa: PLC0415
   c = load_config('imagenet_resnet18', 'baseline')
   c.dataset.data_dir = str(tmp_path)
   config_lib.validate(c)
@@ -483,7 +483,6 @@ def test_imagenet_config_without_data_names_the_preparation(tmp_path):
 
 def test_imagenet_config_checks():
   from nar_jax import config as config_lib  # noqa: PLC0415
-  from config_testing import load_config  # noqa: PLC0415
   c = load_config('imagenet_resnet18')
   with pytest.raises(ValueError, match='config.arch must name the architecture'):
     config_lib.validate(c)
@@ -506,25 +505,39 @@ def test_imagenet_config_checks():
     config_lib.validate(bad)
 
 
-def test_imagenet_config_runs_end_to_end_on_fake_imagenet(fake, tmp_path):
+SMOKE_SPACE = space.resnet_space('resnet18', 'conv', width=0.125, stem='imagenet')
+
+
+def _smoke_refined() -> tuple[int, ...]:
+  """The smoke tests' refined architecture: sep3x3 at the first node, avg3x3 at the ninth."""
+  names = list(SMOKE_SPACE.names(SMOKE_SPACE.baseline()))
+  names[0], names[8] = 'sep3x3', 'avg3x3'
+  return SMOKE_SPACE.validate(names)
+
+
+def _smoke_config(data_dir: str, tmp_path):
+  """configs/imagenet_resnet18.py:smoke on ``data_dir`` retraining `_smoke_refined` alone,
+  given as an arch.json (as a CIFAR-10 run writes it) in ``tmp_path``."""
+  c = load_config('imagenet_resnet18', 'smoke')
+  c.dataset.data_dir = data_dir
+  arch_file = tmp_path / 'arch.json'
+  arch_file.write_text(json.dumps({'arch': list(SMOKE_SPACE.names(_smoke_refined()))}))
+  c.arch = str(arch_file)
+  c.retrain.baseline = False
+  return c
+
+
+def test_imagenet_config_runs_end_to_end_on_fake_imagenet(fake, tmp_path, compile_cache):
   """configs/imagenet_resnet18.py:smoke on the fake imagenet2012: a refined arch.json
   retrained (32x32 crops, width 0.125, one epoch of two steps), the report with top-1 and
   top-5 on the validation images next to both networks' parameters and MACs; the counts
   are the initialised networks' and count_architecture's. (The baseline is retrained by
   the same code; it is left out here to halve the compile time. That evaluation's top-1
   and top-5 are right: test_evaluate_split_of_the_validation_crops_gives_top1_and_top5.)"""
+  del compile_cache  # Shared with the interruption test's runs of the same network.
   from nar_jax import pipeline  # noqa: PLC0415
-  from config_testing import load_config  # noqa: PLC0415
-  c = load_config('imagenet_resnet18', 'smoke')
-  c.dataset.data_dir = fake[0]
-  sp = space.resnet_space('resnet18', 'conv', width=0.125, stem='imagenet')
-  names = list(sp.names(sp.baseline()))
-  names[0], names[8] = 'sep3x3', 'avg3x3'
-  refined = sp.validate(names)
-  arch_file = tmp_path / 'arch.json'
-  arch_file.write_text(json.dumps({'arch': list(sp.names(refined))}))
-  c.arch = str(arch_file)
-  c.retrain.baseline = False
+  c = _smoke_config(fake[0], tmp_path)
+  sp, refined = SMOKE_SPACE, _smoke_refined()
   workdir = str(tmp_path / 'run')
   result = pipeline.run(c, workdir)
 
@@ -553,3 +566,38 @@ def ctx_results(workdir: str, name: str) -> dict:
   """``results/retrain_<name>.json`` of a finished run."""
   with open(os.path.join(workdir, 'results', f'retrain_{name}.json')) as f:
     return json.load(f)
+
+
+def test_imagenet_retraining_interrupted_after_an_epoch_resumes_to_the_same_result(
+    fake, tmp_path, monkeypatch, compile_cache):
+  """The smoke config for 2 epochs, interrupted at the start of its second: the re-run
+  resumes from the first epoch's checkpoint (the streamed batches are a function of
+  (seed, epoch)) and ends with the uninterrupted run's accuracies and loss, exactly."""
+  del compile_cache  # The later runs load the first one's (or the end-to-end test's).
+  from nar_jax import pipeline  # noqa: PLC0415
+  from nar_jax.phases import loop  # noqa: PLC0415
+  c = _smoke_config(fake[0], tmp_path)
+  c.retrain.epochs = 2
+  straight = str(tmp_path / 'straight')
+  pipeline.run(c, straight)
+
+  resumed = str(tmp_path / 'resumed')
+  train_epoch = loop.train_epoch
+  epochs_trained = []
+
+  def interrupted(*args, **kwargs):
+    epoch = args[4]
+    if epoch == 1 and not epochs_trained.count(1):
+      epochs_trained.append(1)
+      raise RuntimeError('interrupted')
+    epochs_trained.append(epoch)
+    return train_epoch(*args, **kwargs)
+
+  monkeypatch.setattr(loop, 'train_epoch', interrupted)
+  with pytest.raises(RuntimeError, match='interrupted'):
+    pipeline.run(c, resumed)
+  pipeline.run(c, resumed)
+  assert epochs_trained == [0, 1, 1]  # epoch 0 once, epoch 1 after the interruption
+  want, got = ctx_results(straight, 'refined'), ctx_results(resumed, 'refined')
+  for key in ('test_acc', 'test_top5', 'test_loss', 'final_train_acc', 'arch'):
+    assert got[key] == want[key], key
