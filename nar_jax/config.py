@@ -18,7 +18,7 @@ from nar_jax import families, ops, tasks
 from nar_jax.models import heads
 
 SEARCH_METHODS = ('controller', 'alternating', 'random')
-DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces')
+DATASETS = ('cifar10', 'mnist5k', 'synthetic', 'faces', 'synthetic_faces', 'imagenet2012')
 CONTROLLER_KINDS = ('enas', 'node_aware')
 """``search.controller.kind``: the keys of :data:`nar_jax.controller.VARIANTS`."""
 
@@ -31,7 +31,10 @@ def sgd_config(lr_max: float, lr_min: float, t0_epochs: float, t_mul: float,
   ``schedule='cosine'``: SGDR (cosine from ``lr_max`` to ``lr_min`` over ``t0_epochs``,
   restarts with periods growing by ``t_mul``). ``schedule='step'``: ``lr_max`` times
   ``decay_factor`` after each epoch listed in ``decay_epochs`` (comma-separated,
-  ArcFace's recipe).
+  ArcFace's recipe). A config may add ``warmup_epochs`` (a float) to the returned dict:
+  a linear warm-up over that many epochs (:func:`nar_jax.train.linear_warmup`;
+  ``configs/imagenet_resnet18.py``); it is not a default field, so other configs'
+  ``config.json`` are unchanged.
   """
   return ml_collections.ConfigDict(dict(
       lr_max=lr_max, lr_min=lr_min, t0_epochs=t0_epochs, t_mul=t_mul, momentum=momentum,
@@ -79,7 +82,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.dataset = ml_collections.ConfigDict(dict(
       # 'cifar10' | 'mnist5k' | 'synthetic' | 'faces' (insightface files in data_dir) |
-      # 'synthetic_faces' (written into data_dir, or <workdir>/data, on first use)
+      # 'synthetic_faces' (written into data_dir, or <workdir>/data, on first use) |
+      # 'imagenet2012' (TFDS data_dir; configs/imagenet_resnet18.py adds its fields)
       name='cifar10',
       data_dir='',               # cifar10: TFDS data_dir ('' = TFDS default); faces: the
                                  # directory with train.rec, train.idx, property, *.bin

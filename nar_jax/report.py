@@ -28,7 +28,8 @@ def build(nets, arch: tuple[int, ...], derived: dict | None, refined: dict,
   ``valid_acc`` is the architecture's accuracy on the validation split with the
   searched shared weights (the score derive ranks architectures by); it is ``None``
   when no search ran (``config.arch`` given). ``test_acc`` is the retrained
-  network's accuracy on the test split (``None`` for a baseline not retrained).
+  network's accuracy on the test split (``None`` for a baseline not retrained);
+  ``test_top5`` its top-5 accuracy where the task measures it (ImageNet), else ``None``.
   """
   base_arch = nets.space.baseline()
 
@@ -37,6 +38,7 @@ def build(nets, arch: tuple[int, ...], derived: dict | None, refined: dict,
     retrained = retrained or {}
     return {'arch': nets.space.names(a), 'params': counts.params, 'macs': counts.macs,
             'valid_acc': valid_acc, 'test_acc': retrained.get('test_acc'),
+            'test_top5': retrained.get('test_top5'),
             'verification': retrained.get('verification', {}),
             'retrain_step_s': retrained.get('step_s')}
 
@@ -94,6 +96,8 @@ def markdown(result: dict[str, Any], family: families.Family) -> str:
       f'{_fmt(r["valid_acc"], ".4f")} | |',
       *([f'| test acc (retrained) | {_fmt(b["test_acc"], ".4f")} | {_fmt(r["test_acc"], ".4f")} | '
          f'{_fmt(ch["test_acc"], "+.2f")}% |'] if r['test_acc'] is not None else []),
+      *([f'| test top-5 (retrained) | {_fmt(b["test_top5"], ".4f")} | '
+         f'{_fmt(r["test_top5"], ".4f")} | |'] if r.get('test_top5') is not None else []),
       f'| retrain s/step | {_fmt(b["retrain_step_s"], ".4f")} | '
       f'{_fmt(r["retrain_step_s"], ".4f")} | |',
       '',

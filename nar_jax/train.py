@@ -183,11 +183,29 @@ def step_schedule(lr: float, boundaries: list[int], factor: float) -> optax.Sche
   return optax.piecewise_constant_schedule(lr, {b: factor for b in boundaries})
 
 
+def linear_warmup(schedule: optax.Schedule, warmup_steps: int) -> optax.Schedule:
+  """``schedule(step) * min(1, (step + 1) / warmup_steps)``: the learning rate ramps up
+  linearly over the first ``warmup_steps`` steps (step 0 at ``1 / warmup_steps`` of the
+  schedule's value, step ``warmup_steps - 1`` at all of it), then is the schedule's own;
+  the schedule's step boundaries are not shifted (Goyal et al., 2017). 0 steps: no ramp."""
+  if warmup_steps < 0:
+    raise ValueError(f'warm-up steps must be >= 0, got {warmup_steps}')
+  if not warmup_steps:
+    return schedule
+
+  def warmed(step):
+    ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
+    return schedule(step) * ramp
+
+  return warmed
+
+
 def child_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """SGD (momentum, optionally Nesterov) with L2 weight decay and a schedule counted in epochs.
 
   ``cfg`` fields (see :func:`nar_jax.config.sgd_config`): ``lr_max, lr_min, t0_epochs,
-  t_mul, momentum, nesterov, weight_decay, schedule, decay_epochs, decay_factor``.
+  t_mul, momentum, nesterov, weight_decay, schedule, decay_epochs, decay_factor``, and
+  optionally ``warmup_epochs`` (:func:`linear_warmup` over that many epochs; absent: 0).
   """
   if cfg.schedule == 'cosine':
     schedule = sgdr_schedule(cfg.lr_max, cfg.lr_min,
@@ -198,6 +216,7 @@ def child_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
                              cfg.decay_factor)
   else:
     raise ValueError(f"unknown learning-rate schedule {cfg.schedule!r}; use 'cosine' or 'step'")
+  schedule = linear_warmup(schedule, int(round(cfg.get('warmup_epochs', 0) * steps_per_epoch)))
   return optax.chain(
       optax.add_decayed_weights(cfg.weight_decay),
       optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
@@ -536,12 +555,20 @@ def predict(model: nn.Module, variables: Any, images: jax.Array, op_indices: jax
   return logits
 
 
+def top_k_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """float32 ``(B,)``: 1 where ``labels (B,)`` is among the ``k`` largest of ``logits (B, C)``
+  (all ``C`` when ``k > C``), else 0. Ties at the k-th value are broken by ``lax.top_k``
+  (the lower class index first)."""
+  top = jax.lax.top_k(logits, min(k, logits.shape[-1]))[1]
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
 def make_eval_step(model: nn.Module, mesh: Mesh, *, mean, std, batch_statistics: bool = False):
   """Builds ``eval(variables, images, labels, weights, op_indices) -> sums``.
 
   ``weights (B,)`` is 1 for real and 0 for padding examples. Returns a dict of
-  global sums ``correct``, ``loss`` and ``count``. See :func:`predict` for
-  ``batch_statistics``.
+  global sums ``correct`` (top-1), ``correct5`` (:func:`top_k_correct`, k = 5),
+  ``loss`` and ``count``. See :func:`predict` for ``batch_statistics``.
   """
 
   def device_eval(variables, images, labels, weights, op_indices):
@@ -549,6 +576,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, *, mean, std, batch_statistics:
                      batch_statistics)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     sums = {'correct': jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
+            'correct5': jnp.sum(top_k_correct(logits, labels, 5) * weights),
             'loss': jnp.sum(loss * weights), 'count': jnp.sum(weights)}
     return jax.lax.psum(sums, DATA_AXIS)
 

@@ -20,6 +20,7 @@ VARIANTS = {
     'cifar_resnet18_block': ['pretrain'],
     'cifar_resnet20_wide': [],
     'face_lresnet50e_ir': ['proxy', 'pretrain', 'smoke'],
+    'imagenet_resnet18': ['baseline', 'smoke'],
     'quickstart': ['random'],
     'transfer_study': ['smoke'],
 }
@@ -41,6 +42,8 @@ def test_config_loads_and_validates(name, variant, tmp_path):
     return
   if config.dataset.name == 'faces' and not config.dataset.data_dir:
     config.dataset.data_dir = str(tmp_path)  # The command line must name it (tested below).
+  if config.dataset.name == 'imagenet2012' and not config.arch:
+    config.arch = 'baseline'  # The command line names an arch.json (test_imagenet.py).
   config_lib.validate(config)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from config_testing import load_config
 from nar_jax import space
 from nar_jax.families import resnet as resnet_family
 from nar_jax.data import DatasetNotPreparedError, fake_imagenet, imagenet
@@ -352,3 +353,251 @@ def test_incomplete_or_tfrecord_copies_are_named(fake, tmp_path):
     json.dump({**info, 'fileFormat': 'tfrecord'}, f)
   with pytest.raises(DatasetNotPreparedError, match="file_format='tfrecord'"):
     imagenet.open_split('train', data_dir)
+
+
+# ---------------------------------------------------------------------------
+# The training loops' view: ImageNetSplit, the imagenet task, the Table 6 config.
+
+
+def test_imagenet_split_is_what_the_loops_read(fake):
+  """`nar_jax.data.batches` of an ImageNetSplit is `imagenet.batches` of its source: a
+  training epoch (permuted, cropped, flipped; a function of (seed, epoch)) and the
+  central crops in order; `num_batches` counts them; merging with the empty valid split
+  keeps it."""
+  from nar_jax import data  # noqa: PLC0415
+  source = imagenet.open_split('train', fake[0])
+  split = imagenet.ImageNetSplit(source, size=32, options=imagenet.InputOptions(threads=2))
+  assert split.image_shape == (32, 32, 3) and len(split) == FAKE_SIZES['train']
+  got = list(data.batches(split, 8, seed=3, epoch=1))
+  assert len(got) == data.num_batches(split, 8) == 2  # 21 // 8, the remainder dropped
+  want = _epoch(source, train=True, seed=3, epoch=1, batch_size=8, size=32)
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in got]), want[0][:16])
+  np.testing.assert_array_equal(np.concatenate([b[1] for b in got]), want[1][:16])
+  again = list(data.batches(split, 8, seed=3, epoch=1))
+  np.testing.assert_array_equal(again[1][0], got[1][0])
+  other = list(data.batches(split, 8, seed=3, epoch=2))
+  assert not np.array_equal(other[0][0], got[0][0])
+  evals = list(data.batches(split, 8, seed=0, epoch=0, shuffle=False, drop_remainder=False))
+  assert [len(b[1]) for b in evals] == [8, 8, 5]
+  assert data.num_batches(split, 8, drop_remainder=False) == 3
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in evals]),
+                                _epoch(source, train=False, batch_size=8, size=32)[0])
+  empty = data.Split(np.zeros((0, 32, 32, 3), np.uint8), np.zeros((0,), np.int32))
+  assert data.merge(split, empty) is split
+  with pytest.raises(ValueError, match='streamed split'):
+    data.merge(split, split)
+  with pytest.raises(ValueError, match='larger than the split'):
+    data.num_batches(split, 32)
+
+
+def test_imagenet_split_of_two_processes_gives_each_its_rows(fake, monkeypatch):
+  """Process i of 2 reads rows of global batches from its half of the epoch: a training
+  epoch of 21 records in global batches of 8 is 2 batches of 4 rows on each (the hosts'
+  rows are disjoint); an evaluation in global batches of 10 is 3 batches on each, process
+  1's shard (10 records) ending with an empty batch so both take part in all three, and
+  the two processes' rows are every record once."""
+  from nar_jax import data  # noqa: PLC0415
+  split = imagenet.ImageNetSplit(Indexed(imagenet.open_split('train', fake[0])), size=16,
+                                 options=imagenet.InputOptions(threads=2))
+  monkeypatch.setattr(imagenet.jax, 'process_count', lambda: 2)
+  rows = {}
+  for index in (0, 1):
+    monkeypatch.setattr(imagenet.jax, 'process_index', lambda index=index: index)
+    trained = list(data.batches(split, 8, seed=0, epoch=0))
+    assert [len(b[1]) for b in trained] == [4, 4] and data.num_batches(split, 8) == 2
+    evals = list(data.batches(split, 10, seed=0, epoch=0, shuffle=False, drop_remainder=False))
+    assert data.num_batches(split, 10, drop_remainder=False) == 3
+    assert [len(b[1]) for b in evals] == ([5, 5, 1] if index == 0 else [5, 5, 0])
+    assert evals[-1][0].shape[1:] == (16, 16, 3)
+    rows[index] = (np.concatenate([b[1] for b in trained]), np.concatenate([b[1] for b in evals]))
+  assert not set(rows[0][0]) & set(rows[1][0])
+  assert sorted(np.concatenate([rows[0][1], rows[1][1]])) == list(range(FAKE_SIZES['train']))
+  with pytest.raises(ValueError, match='multiple of the 2 processes'):
+    data.num_batches(split, 7)
+
+
+def test_evaluate_split_of_the_validation_crops_gives_top1_and_top5(fake):
+  """`loop.evaluate_split` over the streamed validation split (batches of 4, the last one
+  padded) with a fixed linear model: top-1, top-5 and loss are numpy's over the central
+  crops of `imagenet.batches`, in the source's order."""
+  import flax.linen as nn  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  from nar_jax import train  # noqa: PLC0415
+  from nar_jax.data import normalize  # noqa: PLC0415
+  from nar_jax.phases import loop  # noqa: PLC0415
+
+  class Linear(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, op_indices=None, train=False):
+      del op_indices, train
+      return nn.Dense(12)(x.reshape(x.shape[0], -1))
+
+  model = Linear()
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  split = imagenet.ImageNetSplit(imagenet.open_split('validation', fake[0]), size=16,
+                                 options=imagenet.InputOptions(threads=2))
+  images, labels = _epoch(split.source, train=False, size=16)
+  mean, std = imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD
+  logits = np.asarray(model.apply(variables, normalize(images, mean, std)))
+  labels = (labels * 3 + np.arange(len(labels))) % 12  # the fake labels are 0-3: spread
+  rank = (logits > logits[np.arange(len(labels)), labels][:, None]).sum(-1)
+  assert 0 < np.sum(rank == 0) < np.sum(rank < 5) < len(labels)  # not vacuous
+  relabelled = imagenet.ImageNetSplit(Relabelled(split.source, labels), size=16,
+                                      options=split.options)
+  mesh = train.make_mesh(1)
+  got = loop.evaluate_split(train.make_eval_step(model, mesh, mean=mean, std=std), variables,
+                            relabelled, 4, mesh)
+  assert got['accuracy'] == pytest.approx(np.mean(rank == 0))
+  assert got['top5'] == pytest.approx(np.mean(rank < 5))
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  assert got['loss'] == pytest.approx(float(np.mean(loss)), rel=1e-5)
+
+
+class Relabelled:
+  """A source with the given labels (record ``i`` gets ``labels[i]``)."""
+
+  def __init__(self, source, labels):
+    self.source, self.labels = source, labels
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return {**self.source[i], 'label': int(self.labels[i])}
+
+
+def test_imagenet_config_without_data_names_the_preparation(tmp_path):
+  """The Table 6 config on a data_dir without imagenet2012: the task's data raises the
+  manual-download message (nothing downloaded)."""
+  from nar_jax import config as config_lib, tasks  # noqa: PLC0415
+  c = load_config('imagenet_resnet18', 'baseline')
+  c.dataset.data_dir = str(tmp_path)
+  config_lib.validate(c)
+  task = tasks.task_for(c)
+  assert task.name == 'imagenet'
+  with pytest.raises(DatasetNotPreparedError, match='README section "Preparing ImageNet"'):
+    task.search_splits(c, str(tmp_path / 'run'))
+  assert not os.listdir(tmp_path)
+
+
+def test_imagenet_config_checks():
+  from nar_jax import config as config_lib  # noqa: PLC0415
+  c = load_config('imagenet_resnet18')
+  with pytest.raises(ValueError, match='config.arch must name the architecture'):
+    config_lib.validate(c)
+  c.arch = 'baseline'
+  config_lib.validate(c)
+  o = c.retrain.optimizer
+  assert (c.retrain.epochs, c.retrain.batch_size, o.lr_max, o.momentum, o.nesterov,
+          o.weight_decay, o.schedule, o.decay_epochs, o.warmup_epochs) == (
+              90, 256, 0.1, 0.9, False, 1e-4, 'step', '30,60,80', 5.0)
+  assert (c.model.stem, c.dataset.image_size) == ('imagenet', 224)
+  for field, value, match in (('crop_padding', 4, 'cropped and flipped on the host'),
+                              ('flip', True, 'cropped and flipped on the host')):
+    bad = load_config('imagenet_resnet18', 'baseline')
+    bad.dataset[field] = value
+    with pytest.raises(ValueError, match=match):
+      config_lib.validate(bad)
+  bad = load_config('imagenet_resnet18', 'baseline')
+  bad.scan_epoch = True
+  with pytest.raises(ValueError, match='scan_epoch'):
+    config_lib.validate(bad)
+
+
+SMOKE_SPACE = space.resnet_space('resnet18', 'conv', width=0.125, stem='imagenet')
+
+
+def _smoke_refined() -> tuple[int, ...]:
+  """The smoke tests' refined architecture: sep3x3 at the first node, avg3x3 at the ninth."""
+  names = list(SMOKE_SPACE.names(SMOKE_SPACE.baseline()))
+  names[0], names[8] = 'sep3x3', 'avg3x3'
+  return SMOKE_SPACE.validate(names)
+
+
+def _smoke_config(data_dir: str, tmp_path):
+  """configs/imagenet_resnet18.py:smoke on ``data_dir`` retraining `_smoke_refined` alone,
+  given as an arch.json (as a CIFAR-10 run writes it) in ``tmp_path``."""
+  c = load_config('imagenet_resnet18', 'smoke')
+  c.dataset.data_dir = data_dir
+  arch_file = tmp_path / 'arch.json'
+  arch_file.write_text(json.dumps({'arch': list(SMOKE_SPACE.names(_smoke_refined()))}))
+  c.arch = str(arch_file)
+  c.retrain.baseline = False
+  return c
+
+
+def test_imagenet_config_runs_end_to_end_on_fake_imagenet(fake, tmp_path, compile_cache):
+  """configs/imagenet_resnet18.py:smoke on the fake imagenet2012: a refined arch.json
+  retrained (32x32 crops, width 0.125, one epoch of two steps), the report with top-1 and
+  top-5 on the validation images next to both networks' parameters and MACs; the counts
+  are the initialised networks' and count_architecture's. (The baseline is retrained by
+  the same code; it is left out here to halve the compile time. That evaluation's top-1
+  and top-5 are right: test_evaluate_split_of_the_validation_crops_gives_top1_and_top5.)"""
+  del compile_cache  # Shared with the interruption test's runs of the same network.
+  from nar_jax import pipeline  # noqa: PLC0415
+  c = _smoke_config(fake[0], tmp_path)
+  sp, refined = SMOKE_SPACE, _smoke_refined()
+  workdir = str(tmp_path / 'run')
+  result = pipeline.run(c, workdir)
+
+  assert result['dataset'] == 'imagenet2012'
+  for name, arch in (('baseline', sp.baseline()), ('refined', refined)):
+    entry = result[name]
+    assert entry['arch'] == list(sp.names(arch))
+    counts = resnet_family.count_architecture(sp, arch, (32, 32), 3, IMAGENET_CLASSES)
+    variables = _init_shapes(ResNet(sp, IMAGENET_CLASSES, arch=arch), (32, 32))
+    assert entry['params'] == counts.params == _num_params(variables['params'])
+    assert entry['macs'] == counts.macs
+  entry = result['refined']
+  assert 0.0 <= entry['test_acc'] <= entry['test_top5'] <= 1.0
+  assert ctx_results(workdir, 'refined')['test_top5'] == entry['test_top5']
+  assert result['baseline']['test_acc'] is None  # not retrained
+  assert entry['params'] < result['baseline']['params']
+  with open(os.path.join(workdir, 'report.md')) as f:
+    report = f.read()
+  assert f'| test top-5 (retrained) | - | {entry["test_top5"]:.4f} | |' in report
+  assert f'| test acc (retrained) | - | {entry["test_acc"]:.4f} |' in report
+  assert f'| parameters | {result["baseline"]["params"]:,} | {result["refined"]["params"]:,} |' \
+      in report
+
+
+def ctx_results(workdir: str, name: str) -> dict:
+  """``results/retrain_<name>.json`` of a finished run."""
+  with open(os.path.join(workdir, 'results', f'retrain_{name}.json')) as f:
+    return json.load(f)
+
+
+def test_imagenet_retraining_interrupted_after_an_epoch_resumes_to_the_same_result(
+    fake, tmp_path, monkeypatch, compile_cache):
+  """The smoke config for 2 epochs, interrupted at the start of its second: the re-run
+  resumes from the first epoch's checkpoint (the streamed batches are a function of
+  (seed, epoch)) and ends with the uninterrupted run's accuracies and loss, exactly."""
+  del compile_cache  # The later runs load the first one's (or the end-to-end test's).
+  from nar_jax import pipeline  # noqa: PLC0415
+  from nar_jax.phases import loop  # noqa: PLC0415
+  c = _smoke_config(fake[0], tmp_path)
+  c.retrain.epochs = 2
+  straight = str(tmp_path / 'straight')
+  pipeline.run(c, straight)
+
+  resumed = str(tmp_path / 'resumed')
+  train_epoch = loop.train_epoch
+  epochs_trained = []
+
+  def interrupted(*args, **kwargs):
+    epoch = args[4]
+    if epoch == 1 and not epochs_trained.count(1):
+      epochs_trained.append(1)
+      raise RuntimeError('interrupted')
+    epochs_trained.append(epoch)
+    return train_epoch(*args, **kwargs)
+
+  monkeypatch.setattr(loop, 'train_epoch', interrupted)
+  with pytest.raises(RuntimeError, match='interrupted'):
+    pipeline.run(c, resumed)
+  pipeline.run(c, resumed)
+  assert epochs_trained == [0, 1, 1]  # epoch 0 once, epoch 1 after the interruption
+  want, got = ctx_results(straight, 'refined'), ctx_results(resumed, 'refined')
+  for key in ('test_acc', 'test_top5', 'test_loss', 'final_train_acc', 'arch'):
+    assert got[key] == want[key], key

@@ -16,6 +16,7 @@ import os
 import types
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,10 +250,11 @@ def test_eval_step_sums_are_the_same_on_1_2_4_devices(env, dp_results, batch_sta
                                    jnp.asarray(ARCH_A)))
     losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
     correct = (logits.argmax(-1) == labels).astype(np.float32)
-    per_example[name] = (correct, losses)
+    correct5 = (np.argsort(-logits, -1)[:, :5] == labels[:, None]).any(-1).astype(np.float32)
+    per_example[name] = (correct, correct5, losses)
     w = weights[name]
-    expected[name] = {'correct': np.sum(correct * w), 'loss': np.sum(losses * w),
-                      'count': np.sum(w)}
+    expected[name] = {'correct': np.sum(correct * w), 'correct5': np.sum(correct5 * w),
+                      'loss': np.sum(losses * w), 'count': np.sum(w)}
   assert expected['padded']['count'] == real
 
   for n in DEVICE_COUNTS:
@@ -263,7 +265,7 @@ def test_eval_step_sums_are_the_same_on_1_2_4_devices(env, dp_results, batch_sta
       sums = jax.device_get(eval_fn(variables, train.shard(mesh, images),
                                     train.shard(mesh, labels), train.shard(mesh, weights[name]),
                                     jnp.asarray(ARCH_A)))
-      assert set(sums) == {'correct', 'loss', 'count'}
+      assert set(sums) == {'correct', 'correct5', 'loss', 'count'}
       chex.assert_trees_all_close(sums, expected[name], atol=1e-4, rtol=1e-5)
     # Another architecture reuses the same compiled evaluation.
     eval_fn(variables, train.shard(mesh, env.images), train.shard(mesh, env.labels),
@@ -273,10 +275,11 @@ def test_eval_step_sums_are_the_same_on_1_2_4_devices(env, dp_results, batch_sta
   if not batch_statistics:
     # Running averages: the padding does not change the real examples' results, so the
     # padded batch sums to what the first `real` examples of the full batch sum to.
-    correct, losses = per_example['full']
+    correct, correct5, losses = per_example['full']
     chex.assert_trees_all_close(
         expected['padded'],
-        {'correct': correct[:real].sum(), 'loss': losses[:real].sum(), 'count': real},
+        {'correct': correct[:real].sum(), 'correct5': correct5[:real].sum(),
+         'loss': losses[:real].sum(), 'count': real},
         atol=1e-4, rtol=1e-5)
 
 
@@ -532,6 +535,99 @@ def test_child_optimizer_schedule_counts_epochs():
   np.testing.assert_allclose(lrs[0], 0.1, rtol=1e-6)
   np.testing.assert_allclose(lrs[6], 0.1, rtol=1e-6)
   assert lrs[5] < lrs[1] < lrs[0]
+
+
+def _sgd_lrs(cfg, steps_per_epoch: int, steps: int) -> np.ndarray:
+  """The learning rate of each of ``steps`` SGD steps of ``child_optimizer(cfg)`` (no
+  momentum or decay in ``cfg``: the update of a unit gradient is ``-lr``)."""
+  tx = train.child_optimizer(cfg, steps_per_epoch)
+  params, grads = {'w': jnp.ones(())}, {'w': jnp.ones(())}
+  opt_state, lrs = tx.init(params), []
+  for _ in range(steps):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    lrs.append(-float(updates['w']))
+  return np.asarray(lrs)
+
+
+def test_warmup_ramps_linearly_then_keeps_the_step_decay_boundaries():
+  """ImageNet's recipe at 4 steps per epoch: lr 0.4, 2 warm-up epochs (8 steps: step i at
+  0.4 (i + 1) / 8), then 0.4 until the decay at epoch 3 (step 12), x0.1 there and at
+  epoch 4 (step 16): the warm-up does not shift the boundaries."""
+  cfg = sgd_config(lr_max=0.4, lr_min=0.0, t0_epochs=5, t_mul=1, weight_decay=0.0,
+                   momentum=0.0, nesterov=False, schedule='step', decay_epochs='3,4',
+                   decay_factor=0.1)
+  cfg.warmup_epochs = 2.0
+  want = np.concatenate([0.4 * np.arange(1, 9) / 8, [0.4] * 4, [0.04] * 4, [0.004] * 4])
+  np.testing.assert_allclose(_sgd_lrs(cfg, 4, 20), want, rtol=1e-5)
+  # Without the field (every other config) or at 0: the schedule unchanged.
+  del cfg['warmup_epochs']
+  plain = _sgd_lrs(cfg, 4, 20)
+  np.testing.assert_allclose(plain, np.concatenate([[0.4] * 12, [0.04] * 4, [0.004] * 4]),
+                             rtol=1e-5)
+  cfg.warmup_epochs = 0.0
+  np.testing.assert_allclose(_sgd_lrs(cfg, 4, 20), plain, rtol=0)
+
+
+def test_warmup_of_a_cosine_schedule_multiplies_it():
+  schedule = train.sgdr_schedule(1.0, 0.0, 10, 1)
+  warmed = train.linear_warmup(schedule, 4)
+  steps = jnp.arange(12)
+  np.testing.assert_allclose(np.asarray(jax.vmap(warmed)(steps)),
+                             np.asarray(schedule(steps)) * np.minimum(1, (np.arange(12) + 1) / 4),
+                             rtol=1e-6)
+  assert train.linear_warmup(schedule, 0) is schedule
+  with pytest.raises(ValueError, match='warm-up'):
+    train.linear_warmup(schedule, -1)
+
+
+def test_top_k_correct_on_planted_logits():
+  """Planted logits over 7 classes: the label's rank decides (ranks 1, 3, 5, 6, 7)."""
+  order = np.asarray([[0, 1, 2, 3, 4, 5, 6]] * 5)  # class c has logit -c: rank c + 1
+  logits = -order.astype(np.float32)
+  labels = np.asarray([0, 2, 4, 5, 6], np.int32)
+  np.testing.assert_array_equal(train.top_k_correct(jnp.asarray(logits), labels, 5),
+                                [1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(train.top_k_correct(jnp.asarray(logits), labels, 1),
+                                [1, 0, 0, 0, 0])
+  # Permuted classes: the same ranks, other positions.
+  perm = np.random.default_rng(0).permutation(7)
+  np.testing.assert_array_equal(
+      train.top_k_correct(jnp.asarray(logits[:, np.argsort(perm)]), perm[labels].astype(np.int32), 5),
+      [1, 1, 1, 0, 0])
+  # Fewer classes than k: always correct.
+  np.testing.assert_array_equal(train.top_k_correct(jnp.zeros((3, 4)), jnp.arange(3), 5), 1)
+
+
+def test_eval_step_sums_top5_of_planted_logits():
+  """The eval step's ``correct5`` counts the examples whose label is among the 5 largest
+  logits of a network that outputs its input (padding weighted 0), on 1 and 2 devices."""
+
+  class Identity(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, op_indices=None, train=False):
+      del op_indices, train
+      return x.reshape(x.shape[0], -1)
+
+  # Row i's label has rank[i] larger logits (0: the argmax); the last two rows are padding.
+  rank = np.asarray([0, 1, 4, 5, 9, 0, 0, 2])
+  weights = np.asarray([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 10, 8).astype(np.int32)
+  flat = np.zeros((8, 10), np.uint8)
+  for i in range(8):
+    others = rng.permutation([c for c in range(10) if c != labels[i]])
+    by_rank = np.insert(others, rank[i], labels[i])  # classes from the largest logit down
+    flat[i, by_rank] = 200 - 20 * np.arange(10)
+  logits = flat.reshape(8, 1, 1, 10)
+  for n in (1, 2):
+    mesh = train.make_mesh(n)
+    eval_fn = train.make_eval_step(Identity(), mesh, mean=(0.0,) * 10, std=(1 / 255,) * 10)
+    sums = jax.device_get(eval_fn({}, train.shard(mesh, logits), train.shard(mesh, labels),
+                                  train.shard(mesh, weights), None))
+    assert sums['correct5'] == np.sum((rank < 5) * weights)
+    assert sums['correct'] == np.sum((rank == 0) * weights)
+    assert (sums['correct'], sums['correct5'], sums['count']) == (2, 4, 6)
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ the device inside jitted steps. Face data (insightface's ``train.rec`` and
 verification ``.bin`` files) is decoded lazily: `load_face_splits` returns
 splits of `LazyImages` (see `faces`, `insightface`, `synthetic_faces`).
 ImageNet (TFDS ``imagenet2012``, read without TensorFlow) is streamed, not
-loaded: `imagenet.batches` decodes and crops each epoch in a grain pipeline
-(see `imagenet`, `fake_imagenet`).
+loaded: `imagenet.batches` decodes and crops each epoch in a grain pipeline, and
+`imagenet.ImageNetSplit` is that pipeline as a `StreamedSplit`, which `batches` and
+`num_batches` hand to its own methods (see `imagenet`, `fake_imagenet`).
 """
 
 from nar_jax.data.augment import augment
@@ -28,6 +29,7 @@ from nar_jax.data.sources import merge
 from nar_jax.data.sources import num_batches
 from nar_jax.data.sources import Split
 from nar_jax.data.sources import Splits
+from nar_jax.data.sources import StreamedSplit
 
 __all__ = [
     'DatasetNotPreparedError',
@@ -35,6 +37,7 @@ __all__ = [
     'LazyImages',
     'Split',
     'Splits',
+    'StreamedSplit',
     'VerificationSet',
     'augment',
     'batches',

@@ -28,8 +28,11 @@ same whatever the number of hosts, threads or processes.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import io
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -247,42 +250,50 @@ def num_batches(num_examples: int, batch_size: int, shard: grain.sharding.ShardO
   return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 
-def _train_example(record: dict[str, Any],
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.int32]:
-  """A train record's crop (`train_image`) and label."""
-  return train_image(record['image'], rng), np.int32(record['label'])
+def eval_resize(size: int) -> int:
+  """The shorter side an eval image is resized to before its central ``size`` crop:
+  ``RESIZE_SIZE`` at ``IMAGE_SIZE`` (256 -> 224), in the same ratio at other sizes."""
+  return int(round(size * RESIZE_SIZE / IMAGE_SIZE))
 
 
-def _eval_example(record: dict[str, Any]) -> tuple[np.ndarray, np.int32]:
-  """An eval record's central crop (`eval_image`) and label."""
-  return eval_image(record['image']), np.int32(record['label'])
+def _train_example(record: dict[str, Any], rng: np.random.Generator,
+                   size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.int32]:
+  """A train record's crop (`train_image`, ``size x size``) and label."""
+  return train_image(record['image'], rng, size), np.int32(record['label'])
+
+
+def _eval_example(record: dict[str, Any], size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.int32]:
+  """An eval record's central crop (`eval_image`, ``size x size``) and label."""
+  return eval_image(record['image'], size, eval_resize(size)), np.int32(record['label'])
 
 
 def epoch_dataset(source: Sequence[dict[str, Any]], *, train: bool, seed: int, epoch: int,
-                  shard: grain.sharding.ShardOptions) -> grain.MapDataset:
+                  shard: grain.sharding.ShardOptions,
+                  size: int = IMAGE_SIZE) -> grain.MapDataset:
   """One epoch of `source` on one shard as a ``grain.MapDataset`` of ``(image, label)``.
 
   Train: record ``k`` becomes ``train_image`` with a generator seeded by (the epoch's
   augmentation seed, ``k``); the records are permuted by the epoch's shuffle seed; the
   shard takes positions ``shard_index::shard_count`` of the permutation (of its first
   ``count * (N // count)`` positions with ``shard.drop_remainder``). Eval: no
-  permutation, ``eval_image``. Elements are decoded when read: uint8 ``(224, 224, 3)``
-  and an int32 label.
+  permutation, ``eval_image`` (shorter side `eval_resize`). Elements are decoded when
+  read: uint8 ``(size, size, 3)`` (224 by default) and an int32 label.
   """
   shuffle_seed, augment_seed = epoch_seeds(seed, epoch)
   ds = grain.MapDataset.source(source)
   if train:
-    ds = ds.random_map(_train_example, seed=augment_seed).shuffle(seed=shuffle_seed)
+    ds = ds.random_map(functools.partial(_train_example, size=size),
+                       seed=augment_seed).shuffle(seed=shuffle_seed)
   else:
-    ds = ds.map(_eval_example)
+    ds = ds.map(functools.partial(_eval_example, size=size))
   end = len(ds) - len(ds) % shard.shard_count if shard.drop_remainder else len(ds)
   return ds[shard.shard_index:end:shard.shard_count]
 
 
 def batches(source: Sequence[dict[str, Any]], batch_size: int, *, train: bool, seed: int,
             epoch: int, shard: grain.sharding.ShardOptions | None = None,
-            drop_remainder: bool | None = None,
-            options: InputOptions = InputOptions()) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            drop_remainder: bool | None = None, options: InputOptions = InputOptions(),
+            size: int = IMAGE_SIZE) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """One epoch of `source` on this host in minibatches, decoded in parallel.
 
   Args:
@@ -295,16 +306,17 @@ def batches(source: Sequence[dict[str, Any]], batch_size: int, *, train: bool, s
       with ``drop_remainder=train`` (training hosts take equally many examples).
     drop_remainder: drop the last incomplete batch; ``None``: ``train``.
     options: threads, worker processes and buffer of the decoding.
+    size: the side of the square crops (224; smaller for smoke tests).
 
   Returns:
-    An iterator of ``(images, labels)``: uint8 ``(B, 224, 224, 3)`` and int32 ``(B,)``;
+    An iterator of ``(images, labels)``: uint8 ``(B, size, size, 3)`` and int32 ``(B,)``;
     `num_batches` of them. Evaluation over several hosts (no drop) leaves the hosts
     different numbers of examples and a short last batch: pad before a collective step.
   """
   shard = process_shard(drop_remainder=train) if shard is None else shard
   drop_remainder = train if drop_remainder is None else drop_remainder
   num_batches(len(source), batch_size, shard, drop_remainder)  # Validates batch_size.
-  ds = epoch_dataset(source, train=train, seed=seed, epoch=epoch, shard=shard)
+  ds = epoch_dataset(source, train=train, seed=seed, epoch=epoch, shard=shard, size=size)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=options.threads,
                                             prefetch_buffer_size=options.buffer))
   if options.processes:
@@ -314,3 +326,105 @@ def batches(source: Sequence[dict[str, Any]], batch_size: int, *, train: bool, s
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=options.processes, per_worker_buffer_size=options.buffer))
   return iter(ds.batch(batch_size, drop_remainder=drop_remainder))
+
+
+# A split for the training loops ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageNetSplit(sources.StreamedSplit):
+  """An ``imagenet2012`` split as `nar_jax.data.batches` reads it (`sources.StreamedSplit`):
+  every epoch streamed through `batches`.
+
+  A training epoch (``shuffle=True``) is permuted by ``(seed, epoch)`` and cropped and
+  flipped on the host (random-resized crop, `train_image`), so the device step must not
+  augment again (``dataset.crop_padding=0``, ``dataset.flip=False``); an evaluation
+  (``shuffle=False``) is the central crops (`eval_image`) in the source's order.
+  Batches are this process's rows: a global batch of ``B`` is ``B / jax.process_count()``
+  rows from each process, which reads its own shard of the epoch (`process_shard`; with
+  ``drop_remainder`` every process reads equally many examples).
+
+  Attributes:
+    source: the records (`open_split`).
+    size: the side of the square crops (224).
+    options: the decoding's threads, worker processes and buffer.
+  """
+
+  source: Sequence[dict[str, Any]]
+  size: int = IMAGE_SIZE
+  options: InputOptions = InputOptions()
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return (self.size, self.size, 3)
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __repr__(self) -> str:
+    return f'ImageNetSplit({len(self)} records, {self.size}x{self.size} crops)'
+
+  def batches(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+              drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch in this process's rows of global batches of ``batch_size``: uint8
+    ``(batch_size / process_count, size, size, 3)`` and int32 labels.
+
+    Without ``drop_remainder`` (an evaluation) the processes' shards differ by up to one
+    example; a process with fewer batches than `num_batches` ends with empty ones (0
+    rows, padded by the consumer), so every process takes part in every global batch.
+    """
+    shard = process_shard(drop_remainder=drop_remainder)
+    rows = process_batch(batch_size, shard.shard_count)
+    it = batches(self.source, rows, train=shuffle, seed=seed, epoch=epoch, shard=shard,
+                 drop_remainder=drop_remainder, options=self.options, size=self.size)
+    if drop_remainder:
+      return it
+    missing = (self.num_batches(batch_size, drop_remainder=False)
+               - num_batches(len(self.source), rows, shard, False))
+    empty = (np.zeros((0, *self.image_shape), np.uint8), np.zeros((0,), np.int32))
+    return itertools.chain(it, itertools.repeat(empty, missing))
+
+  def num_batches(self, batch_size: int, drop_remainder: bool = True) -> int:
+    """Batches of one epoch on every process: a training epoch drops the examples that do
+    not fill a batch on every process; an evaluation covers the largest shard (the
+    first)."""
+    shard = process_shard(drop_remainder=drop_remainder)
+    first = grain.sharding.ShardOptions(0, shard.shard_count, drop_remainder=drop_remainder)
+    count = num_batches(len(self.source), process_batch(batch_size, shard.shard_count),
+                        first, drop_remainder)
+    if drop_remainder and not count:
+      raise ValueError(f'batch_size={batch_size} is larger than the split ({len(self)} '
+                       'examples): an epoch would have no batch.')
+    return count
+
+
+def process_batch(batch_size: int, process_count: int) -> int:
+  """This process's rows of a global batch of ``batch_size`` over ``process_count``
+  processes.
+
+  Raises:
+    ValueError: ``batch_size`` is not a positive multiple of ``process_count``.
+  """
+  if (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+      or batch_size <= 0 or batch_size % process_count):
+    raise ValueError(f'batch_size must be a positive multiple of the {process_count} '
+                     f'processes, got {batch_size!r}.')
+  return batch_size // process_count
+
+
+def load_splits(data_dir: str | None = None, size: int = IMAGE_SIZE,
+                options: InputOptions = InputOptions()) -> sources.Splits:
+  """``imagenet2012`` as `sources.Splits` for the training loops: train = the 1.28M
+  training images (`ImageNetSplit`), valid = empty (retraining learns from all of
+  train), test = the 50,000 validation images (224 central crops); normalised with
+  `IMAGENET_MEAN` / `IMAGENET_STD`.
+
+  Raises:
+    DatasetNotPreparedError: the copy in `data_dir` is missing or unusable.
+  """
+  train = ImageNetSplit(open_split('train', data_dir), size, options)
+  test = ImageNetSplit(open_split('validation', data_dir), size, options)
+  empty = sources.Split(np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32))
+  return sources.Splits(train=train, valid=empty, test=test,
+                        num_classes=num_classes(train.source), mean=IMAGENET_MEAN,
+                        std=IMAGENET_STD)

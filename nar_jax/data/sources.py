@@ -15,10 +15,14 @@ Known datasets (`load_splits(name)`):
   "Preparing CIFAR-10").
 * ``'synthetic'``: planted, learnable 16x16x3 data generated from a seed, for
   fast tests.
+
+A split too large for host memory (ImageNet) is a `StreamedSplit`: `batches`,
+`num_batches` and `merge` hand it to its own methods, which stream each epoch.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import glob
 import json
@@ -82,6 +86,39 @@ class Split:
   def __repr__(self) -> str:
     return f'Split(images={self.images.shape}, labels={self.labels.shape})'
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of every image."""
+    return tuple(int(d) for d in self.images.shape[1:])  # pytype: disable=bad-return-type
+
+
+class StreamedSplit(abc.ABC):
+  """A split that is not held in host memory: each epoch is read, decoded and augmented
+  by a loader (ImageNet: `nar_jax.data.imagenet.ImageNetSplit`).
+
+  `batches` and `num_batches` (and so every training loop and `merge`) hand a streamed
+  split to its own methods; like `Split`'s, its batches are a pure function of
+  ``(seed, epoch)``, so an interrupted run resumes with the same batches. It also gives
+  ``len`` (examples) and ``image_shape`` (H, W, C of the batches' images).
+  """
+
+  image_shape: tuple[int, int, int]
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    """Examples in the split."""
+
+  @abc.abstractmethod
+  def batches(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool,
+              drop_remainder: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch as this process's rows of global batches of ``batch_size``: uint8
+    ``(batch_size / process_count, H, W, C)`` images and int32 labels. ``shuffle``: a
+    training epoch (permuted, augmented); otherwise the split's order, not augmented."""
+
+  @abc.abstractmethod
+  def num_batches(self, batch_size: int, drop_remainder: bool) -> int:
+    """Batches `batches` yields for one epoch of global batches of ``batch_size``."""
+
 
 def _is_image_source(images: Any) -> bool:
   """Duck-typed array-like images: shape, dtype, len and indexing."""
@@ -110,10 +147,10 @@ class Splits:
   std: tuple[float, ...]
 
   def __post_init__(self):
-    shapes = {s.images.shape[1:] for s in (self.train, self.valid, self.test)}
+    shapes = {s.image_shape for s in (self.train, self.valid, self.test)}
     if len(shapes) != 1:
       raise ValueError(f'Splits have different image shapes: {shapes}.')
-    channels = self.train.images.shape[-1]
+    channels = self.train.image_shape[-1]
     if len(self.mean) != channels or len(self.std) != channels:
       raise ValueError(
           f'mean/std must have one entry per channel ({channels}), got '
@@ -122,7 +159,7 @@ class Splits:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     """(H, W, C) of every image."""
-    return tuple(int(d) for d in self.train.images.shape[1:])  # pytype: disable=bad-return-type
+    return self.train.image_shape
 
   def __repr__(self) -> str:
     return (f'Splits(train={len(self.train)}, valid={len(self.valid)}, '
@@ -205,7 +242,9 @@ def batches(
     shuffle: permute the examples; otherwise keep the split's order.
     drop_remainder: drop the last incomplete batch.
     rows: the rows of each batch to read, e.g. one process's share of a global
-      batch (`nar_jax.distributed.process_rows`); all of them by default.
+      batch (`nar_jax.distributed.process_rows`); all of them by default. A
+      `StreamedSplit` deals each process its own shard of the epoch instead (as
+      many rows per batch as ``rows`` selects: the process's share).
 
   Returns:
     An iterator of ``(images, labels)``: uint8 (R, H, W, C) and int32 (R,)
@@ -215,6 +254,9 @@ def batches(
   Raises:
     ValueError: invalid `batch_size` (raised here, not at the first batch).
   """
+  if isinstance(split, StreamedSplit):
+    return split.batches(batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                         drop_remainder=drop_remainder)
   count = num_batches(split, batch_size, drop_remainder)
   if shuffle:
     order = np.random.default_rng([seed, epoch]).permutation(len(split))
@@ -238,6 +280,8 @@ def num_batches(split: Split, batch_size: int,
     ValueError: ``batch_size <= 0``, or ``batch_size > len(split)`` with
       `drop_remainder` (the epoch would be empty).
   """
+  if isinstance(split, StreamedSplit):
+    return split.num_batches(batch_size, drop_remainder)
   if isinstance(batch_size, bool) or not isinstance(
       batch_size, (int, np.integer)) or batch_size <= 0:
     raise ValueError(
@@ -259,10 +303,19 @@ def merge(a: Split, b: Split) -> Split:
   In-memory images are concatenated; lazily decoded sources are joined with
   their ``concat`` method (no decoding); an empty split merges with anything.
 
+  A streamed split (`StreamedSplit`) merges only with an empty split (ImageNet
+  retrains on its whole train split: its valid split is empty).
+
   Raises:
     ValueError: the image shapes differ, or the two kinds of images cannot be
-      joined (an in-memory array and a non-empty lazy source).
+      joined (an in-memory array and a non-empty lazy source, a streamed split and
+      a non-empty one).
   """
+  if isinstance(a, StreamedSplit) or isinstance(b, StreamedSplit):
+    if a.image_shape != b.image_shape or (len(a) and len(b)):
+      raise ValueError(f'Cannot merge {a!r} and {b!r}: a streamed split merges only with '
+                       'an empty split of its image shape.')
+    return b if not len(a) else a
   if a.images.shape[1:] != b.images.shape[1:]:
     raise ValueError(
         f'Cannot merge splits with image shapes {a.images.shape[1:]} and '

@@ -58,7 +58,7 @@ def count_architecture(space: SearchSpace, arch: Sequence[int | str], image_hw: 
 def _space(config: ml_collections.ConfigDict) -> SearchSpace:
   m = config.model
   return resnet_space(m.base, m.granularity, m.width, m.candidate_rule,
-                      families.restricted_ops(config))
+                      families.restricted_ops(config), stem=m.get('stem', 'cifar'))
 
 
 def _network(space: SearchSpace, arch, args: families.NetworkArgs) -> ResNet:

@@ -166,18 +166,19 @@ def check_finite_scores(phase: str, what: str, values: dict[str, float]) -> None
 
 def evaluate_split(eval_fn: Callable, variables: Any, split: data.Split, batch_size: int,
                    mesh: Any, op_indices: Any = None) -> dict[str, float]:
-  """Accuracy and mean loss over a whole split (last batch padded, padding weighted 0).
+  """Top-1 ``accuracy``, ``top5`` accuracy and mean ``loss`` over a whole split.
 
-  Each process reads (and, for a lazy split, decodes) only its rows of each batch.
+  The split is read in order as :func:`nar_jax.data.batches` gives it unshuffled (a
+  streamed split's evaluation crops, e.g. ImageNet's central 224); each batch holds
+  this process's rows of a global ``batch_size`` (a lazy split decodes only those)
+  and the last one is padded to them, the padding weighted 0.
   """
-  sums = {'correct': 0.0, 'loss': 0.0, 'count': 0.0}
+  sums = {'correct': 0.0, 'correct5': 0.0, 'loss': 0.0, 'count': 0.0}
   rows = distributed.process_rows(batch_size)
-  for start in range(0, len(split), batch_size):
-    index = np.arange(start + rows.start, start + rows.stop)
-    real = index[index < len(split)]
-    images, labels = split.images[real], split.labels[real]
-    weights = np.ones(len(real), np.float32)
-    pad = len(index) - len(real)
+  for images, labels in data.batches(split, batch_size, seed=0, epoch=0, shuffle=False,
+                                     drop_remainder=False, rows=rows):
+    weights = np.ones(len(labels), np.float32)
+    pad = rows.stop - rows.start - len(labels)
     if pad:
       images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
       labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
@@ -185,7 +186,8 @@ def evaluate_split(eval_fn: Callable, variables: Any, split: data.Split, batch_s
     out = eval_fn(variables, train.shard(mesh, images), train.shard(mesh, labels),
                   train.shard(mesh, weights), op_indices)
     sums = jax.tree.map(lambda a, b: a + float(b), sums, jax.device_get(out))
-  return {'accuracy': sums['correct'] / sums['count'], 'loss': sums['loss'] / sums['count']}
+  return {'accuracy': sums['correct'] / sums['count'], 'top5': sums['correct5'] / sums['count'],
+          'loss': sums['loss'] / sums['count']}
 
 
 def resume(ckpt: PhaseCheckpoints, state: Any, log: Log, phase: str) -> tuple[Any, dict[str, Any]]:

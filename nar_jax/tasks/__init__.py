@@ -9,6 +9,9 @@ manner). Two are built in:
 * ``faces`` (:mod:`nar_jax.tasks.faces`): face networks (ArcFace's embedding and margin
   head) on insightface data; rewards are accuracy or verification on a held-out pair
   set, a retrained network is verified on the config's ``.bin`` pair sets.
+* ``imagenet`` (:mod:`nar_jax.tasks.imagenet`): a given architecture retrained on
+  ImageNet-1k (``dataset.name='imagenet2012'``, streamed) and judged by top-1 and top-5
+  accuracy on its validation images (the paper's Table 6).
 
 :func:`task_for` is the only place that decides which task a config is.
 """
@@ -122,10 +125,14 @@ def check_face_data(config: ml_collections.ConfigDict) -> None:
 
 def task_for(config: ml_collections.ConfigDict, family: families.Family | None = None) -> Task:
   """``faces`` for face networks (the family's only head is ``'face'``, or
-  ``model.head='face'``), ``classification`` otherwise."""
+  ``model.head='face'``), ``imagenet`` for ``dataset.name='imagenet2012'``,
+  ``classification`` otherwise."""
   family = family or families.family_for(config)
-  from nar_jax.tasks import classification, faces  # noqa: PLC0415  (they import this module)
-  return faces.TASK if families.network_head(family, config) == 'face' else classification.TASK
+  # pylint: disable-next=g-import-not-at-top
+  from nar_jax.tasks import classification, faces, imagenet  # noqa: PLC0415  (they import this module)
+  if families.network_head(family, config) == 'face':
+    return faces.TASK
+  return imagenet.TASK if config.dataset.name == imagenet.DATASET else classification.TASK
 
 
 __all__ = ['Evaluator', 'FACE_DATASETS', 'RewardData', 'Task', 'check_face_data', 'is_face_dataset', 'task_for']
