@@ -242,6 +242,11 @@ def test_batches_rows_are_each_process_share_of_the_same_batches():
             for p in range(2)]
   for b, batch in enumerate(whole):
     np.testing.assert_array_equal(np.concatenate([shares[0][b], shares[1][b]]), batch)
+  # The last, partial batch of 4 (100 = 6 * 16 + 4) is all process 0's.
+  last = [list(data.batches(split, 16, seed=2, epoch=1, drop_remainder=False,
+                            rows=slice(p * 8, p * 8 + 8)))[-1] for p in range(2)]
+  assert [len(y) for _, y in last] == [4, 0]
+  chex.assert_shape(last[1][0], (0, 2, 2, 1))
 
 
 @pytest.mark.parametrize('batch_size', [0, -3, 11])

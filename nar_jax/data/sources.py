@@ -269,6 +269,10 @@ def _iterate(split: Split, order: np.ndarray, batch_size: int, count: int,
              rows: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   for b in range(count):
     idx = order[b * batch_size:(b + 1) * batch_size][rows]
+    if not len(idx):  # None of the last, partial batch's rows are this process's.
+      yield (np.zeros((0, *split.images.shape[1:]), split.images.dtype),
+             np.zeros(0, split.labels.dtype))
+      continue
     yield split.images[idx], split.labels[idx]
 
 
