@@ -17,7 +17,8 @@ workdir, num_processes, process_id, port, devices = sys.argv[1:6]
 exit_after = int(sys.argv[6]) if len(sys.argv) > 6 else None
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            f' --xla_force_host_platform_device_count={devices}')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(TESTS), TESTS]  # nar_jax from this checkout; the test helpers
 
 from nar_jax import checkpoint, distributed, train  # noqa: E402
 from test_pipeline import run_tiny, tiny_config  # noqa: E402
