@@ -16,9 +16,15 @@ identity of a single-process run: rows ``[0, B)``, process 0, no barrier.
 
 from __future__ import annotations
 
+import pickle
+from typing import Callable, TypeVar
+
 import jax
+import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
+
+T = TypeVar('T')
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -49,7 +55,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # Only the CPU client reads it; GPU and TPU collectives are NCCL's and ICI's.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  check_equal_local_devices()
   return True
+
+
+def check_equal_local_devices() -> None:
+  """Every process has the same number of local devices (each reads an equal share of
+  every global batch: :func:`process_rows`), as far as this process can tell: its devices
+  times the number of processes are all the run's devices.
+
+  Raises:
+    ValueError: naming this process's and the run's device counts.
+  """
+  local, total, count = jax.local_device_count(), jax.device_count(), jax.process_count()
+  if local * count != total:
+    raise ValueError(f'process {jax.process_index()} has {local} devices, but the {count} '
+                     f'processes have {total} in all: give every process the same number')
 
 
 def define_flags() -> None:
@@ -92,3 +113,47 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def main_process_first(fn: Callable[[], T]) -> T | None:
+  """Runs ``fn()`` on process 0 while the other processes wait for it; returns its
+  result on process 0 and None on the others.
+
+  When ``fn`` raises on process 0, every process raises that error (the others a copy
+  of it), so no process waits forever at a collective for one that stopped: a refused
+  config or a busy workdir ends the whole run with the same message everywhere. With
+  one process this is ``fn()``.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  error, result = None, None
+  if is_main_process():
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except
+      error = e
+  _raise_shared(error)
+  return result
+
+
+def _raise_shared(error: Exception | None) -> None:
+  """Broadcasts process 0's ``error`` (None: none) and raises it on every process."""
+  payload = b'' if error is None else _pickled(error)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+  if not size:
+    return
+  buffer = np.frombuffer(payload, np.uint8) if is_main_process() else np.zeros(size, np.uint8)
+  payload = np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes()
+  if is_main_process():
+    raise error
+  raise pickle.loads(payload)
+
+
+def _pickled(error: Exception) -> bytes:
+  """``error`` pickled; a RuntimeError with its message when it cannot be."""
+  try:
+    payload = pickle.dumps(error)
+    pickle.loads(payload)
+    return payload
+  except Exception:  # pylint: disable=broad-except
+    return pickle.dumps(RuntimeError(f'process 0: {type(error).__name__}: {error}'))

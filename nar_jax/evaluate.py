@@ -432,9 +432,11 @@ def main(argv: Sequence[str]) -> None:
   train.add_cpu_xla_flags()
   try:
     distributed.initialize_from_flags()
-    # One run per workdir at a time: process 0 holds the lock for all.
-    holds_lock = distributed.is_main_process()
-    with workdir_lib.lock(flags.FLAGS.workdir) if holds_lock else contextlib.nullcontext():
+    # One run per workdir at a time: process 0 holds the lock for all (a busy workdir
+    # stops every process).
+    with contextlib.ExitStack() as held:
+      distributed.main_process_first(
+          lambda: held.enter_context(workdir_lib.lock(flags.FLAGS.workdir)))
       result = evaluate(flags.FLAGS.workdir, flags.FLAGS.num_random, flags.FLAGS.config)
   except (DatasetNotPreparedError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)

@@ -26,6 +26,7 @@ import socket
 import sys
 from typing import Any, Iterator, NamedTuple
 
+import jax
 import ml_collections
 
 from nar_jax import config as config_lib
@@ -405,14 +406,37 @@ def claim(config: ml_collections.ConfigDict, workdir: str) -> Iterator[Phase | N
   data and devices accept the config (``pipeline.setup``).
 
   In a multi-process run process 0 alone checks, locks and compares (removing what a
-  continuation recomputes) while the others wait for it; they yield None."""
+  continuation recomputes) while the others wait for it; they yield None, and raise
+  process 0's error when it refuses (:func:`nar_jax.distributed.main_process_first`).
+  They then check that they see the lock process 0 holds: a workdir every process
+  shares.
+
+  Raises:
+    WorkdirError: as :func:`check_writable`, :func:`lock` and :func:`apply_config`; or
+      this process does not see process 0's workdir.
+  """
   config_lib.validate(config)
-  if not distributed.is_main_process():
-    distributed.barrier('nar_jax.workdir.claim')
-    yield None
-    return
-  check_writable(workdir)
-  with lock(workdir):
-    phase = apply_config(config, workdir)
-    distributed.barrier('nar_jax.workdir.claim')
+  with contextlib.ExitStack() as held:
+
+    def hold() -> Phase | None:
+      check_writable(workdir)
+      held.enter_context(lock(workdir))
+      return apply_config(config, workdir)
+
+    phase = distributed.main_process_first(hold)
+    if not distributed.is_main_process():
+      check_shared(workdir)
     yield phase
+
+
+def check_shared(workdir: str) -> None:
+  """Checks that this process sees the lock that process 0 holds on ``workdir``.
+
+  Raises:
+    WorkdirError: it does not, so the processes do not share ``workdir``.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  if not os.path.exists(path) or not os.path.getsize(path):
+    raise WorkdirError(f'process {jax.process_index()} does not see {path}, which process 0 '
+                       f'holds: every process of a run must share the workdir (a file system '
+                       f'all hosts mount)')

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -54,6 +55,26 @@ def test_a_single_process_is_the_whole_run():
   batch = np.arange(8 * 3).reshape(8, 3)
   chex.assert_trees_all_equal(np.asarray(train.shard(mesh, batch)), batch)
   chex.assert_trees_all_equal(np.asarray(train.shard_whole(mesh, batch.T, 1)), batch.T)
+  assert distributed.main_process_first(lambda: 7) == 7
+  with pytest.raises(KeyError, match='raised here'):
+    distributed.main_process_first(lambda: {}['raised here'])
+
+
+def test_an_error_that_cannot_be_pickled_is_sent_as_its_message():
+  class Local(Exception):  # not importable, so not unpicklable by another process
+    pass
+  copy = pickle.loads(distributed._pickled(Local('the message')))  # pylint: disable=protected-access
+  assert isinstance(copy, RuntimeError) and 'process 0: Local: the message' in str(copy)
+  copy = pickle.loads(distributed._pickled(ValueError('kept')))  # pylint: disable=protected-access
+  assert type(copy) is ValueError and str(copy) == 'kept'
+
+
+def test_a_process_that_does_not_see_the_lock_is_not_sharing_the_workdir(tmp_path):
+  from nar_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with pytest.raises(workdir_lib.WorkdirError, match='must share the workdir'):
+    workdir_lib.check_shared(str(tmp_path))
+  with workdir_lib.lock(str(tmp_path)):
+    workdir_lib.check_shared(str(tmp_path))
 
 
 def free_port() -> int:
@@ -166,3 +187,65 @@ def test_only_process_zero_writes_logs_and_reports(runs):
   assert phases(two) == phases(one)
   with open(os.path.join(two, 'config.json')) as f, open(os.path.join(one, 'config.json')) as g:
     assert json.load(f) == json.load(g)
+
+
+# Calls that fail or write files, in two processes of a few seconds (no pipeline) ----------
+
+CALLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multiprocess_calls.py')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def call_in_processes(call: str, workdir: str, devices=(1, 1), timeout=120):
+  """Runs tests/multiprocess_calls.py's ``call`` as ``len(devices)`` processes (process i
+  with ``devices[i]`` CPU devices); returns each one's (status, output)."""
+  port = free_port()
+  procs = [subprocess.Popen([sys.executable, CALLS, call, workdir, str(len(devices)), str(i),
+                             str(port), str(n)], env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i, n in enumerate(devices)]
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+  finally:
+    for p in procs:
+      p.kill()
+
+
+def test_an_error_of_process_zero_is_raised_on_every_process(tmp_path):
+  outputs = call_in_processes('main_process_first_error', str(tmp_path))
+  for status, out in outputs:
+    assert status == 2 and 'error: ValueError: refused on process 0' in out, out[-2000:]
+
+
+def test_processes_with_different_device_counts_are_refused(tmp_path):
+  outputs = call_in_processes('initialize', str(tmp_path), devices=(1, 2))
+  for i, (status, out) in enumerate(outputs):
+    assert status == 2, out[-2000:]
+    assert f'process {i} has {i + 1} devices, but the 2 processes have 3 in all' in out
+
+
+def test_process_zero_writes_the_face_data_and_index_the_others_read(tmp_path):
+  outputs = call_in_processes('face_splits', str(tmp_path))
+  (status0, out0), (status1, out1) = outputs
+  assert status0 == status1 == 0, out0[-2000:] + out1[-2000:]
+  labels = lambda out: next(l for l in out.splitlines() if l.startswith('labels '))
+  assert labels(out0) == labels(out1)
+  assert os.path.exists(tmp_path / 'data' / 'property')
+  assert os.path.exists(tmp_path / 'proxy_index.npz')
+  assert not [n for n in os.listdir(tmp_path) if '.tmp' in n]
+
+
+def test_the_launcher_stops_every_process_when_the_workdir_is_busy(tmp_path):
+  from nar_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, NAR_PYTHON=sys.executable, NAR_PORT=str(free_port()),
+             PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  with workdir_lib.lock(str(workdir)):  # another run holds it
+    done = subprocess.run(['bash', os.path.join(REPO, 'launch', 'multiprocess_local.sh'), '2',
+                           'configs/quickstart.py', str(workdir)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
+  assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+  assert 'is in use by' in done.stderr
+  with open(workdir / 'process_1.log') as f:
+    assert 'is in use by' in f.read()
