@@ -11,6 +11,7 @@ on the proxy task's validation images, or verification accuracy on a held-out pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from nar_jax import config as config_lib
-from nar_jax import data, families, margins, tasks, verification
+from nar_jax import data, distributed, families, margins, tasks, verification
 from nar_jax.data import faces, synthetic_faces
 from nar_jax.models.heads import Head
 from nar_jax.tasks import classification
@@ -26,17 +27,21 @@ from nar_jax.tasks import classification
 
 def face_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
   """The insightface directory of a face run; synthetic faces are written on first use
-  (into ``dataset.data_dir``, or ``<workdir>/data``)."""
+  (into ``dataset.data_dir``, or ``<workdir>/data``) by process 0 while the others wait."""
   ds = config.dataset
   if ds.name == 'faces':
     return config_lib.expand_path(ds.data_dir)
   directory = config_lib.expand_path(ds.data_dir) or os.path.join(workdir, 'data')
-  if not os.path.exists(os.path.join(directory, 'property')):
-    s = ds.synthetic
-    synthetic_faces.write_synthetic_faces(
-        directory, num_identities=s.num_identities, images_per_identity=s.images_per_identity,
-        image_size=s.image_size, num_pairs=s.num_pairs,
-        verification_identities=s.verification_identities, seed=config.seed)
+
+  def write_if_missing() -> None:
+    if not os.path.exists(os.path.join(directory, 'property')):
+      s = ds.synthetic
+      synthetic_faces.write_synthetic_faces(
+          directory, num_identities=s.num_identities, images_per_identity=s.images_per_identity,
+          image_size=s.image_size, num_pairs=s.num_pairs,
+          verification_identities=s.verification_identities, seed=config.seed)
+
+  distributed.main_process_first(write_if_missing)
   return directory
 
 
@@ -45,13 +50,17 @@ def face_splits(config: ml_collections.ConfigDict, workdir: str, proxy: bool) ->
 
   The selection is stored as an index over ``train.rec`` in the workdir
   (``proxy_index.npz`` / ``full_index.npz``), so a resumed run uses the same images.
+  Process 0 selects and writes it; the other processes then read it.
   """
   p = config.dataset.proxy
   name = 'proxy_index.npz' if proxy else 'full_index.npz'
-  return faces.load_face_splits(
-      face_directory(config, workdir), proxy=proxy, num_identities=p.num_identities,
-      images_per_identity=p.images_per_identity, valid_per_identity=p.valid_per_identity,
-      seed=config.seed, index_path=os.path.join(workdir, name))
+  load = functools.partial(
+      faces.load_face_splits, face_directory(config, workdir), proxy=proxy,
+      num_identities=p.num_identities, images_per_identity=p.images_per_identity,
+      valid_per_identity=p.valid_per_identity, seed=config.seed,
+      index_path=os.path.join(workdir, name))
+  splits = distributed.main_process_first(load)
+  return load() if splits is None else splits
 
 
 def proxy_splits(config: ml_collections.ConfigDict, workdir: str) -> data.Splits:
