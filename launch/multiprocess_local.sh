@@ -24,7 +24,8 @@ mkdir -p "$workdir"
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
+# Interrupted: stop every process, wait for them, then exit (as a killed job would).
+trap 'kill ${pids[@]+"${pids[@]}"} 2>/dev/null || true; wait; exit 130' INT TERM
 for ((i = num_processes - 1; i >= 0; i--)); do
   args=(-m "$module" --config="$config" --workdir="$workdir" "$@"
         --coordinator_address="localhost:$port" --num_processes="$num_processes" --process_id="$i")
