@@ -1,5 +1,8 @@
-"""Shared pytest setup: the entry points' XLA flags, four fake CPU devices, and a persistent
-compilation cache fixture shared by the session."""
+"""Shared pytest setup: the entry points' XLA flags, four fake CPU devices, a persistent
+compilation cache fixture shared by the session (and its pytest-xdist workers), and a
+quick-compilation fixture for modules that compile many programs and run each once."""
+
+import os
 
 import chex
 import jax
@@ -24,7 +27,14 @@ def compile_cache(tmp_path_factory):
   names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
            'jax_persistent_cache_min_entry_size_bytes')
   saved = {name: getattr(jax.config, name) for name in names}
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # <basetemp>/popen-gw<i>: share the parent
+    root = root.parent
+  directory = root / 'jax_cache'
+  directory.mkdir(exist_ok=True)
+  # An entry read while another worker is still writing it does not decompress: JAX
+  # warns and compiles the program itself.
+  jax.config.update('jax_compilation_cache_dir', str(directory))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
   compilation_cache.reset_cache()
@@ -32,3 +42,17 @@ def compile_cache(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def quick_compile():
+  """XLA skips most LLVM optimisation in the module (``jax_disable_most_optimizations``;
+  ``pytestmark = pytest.mark.usefixtures('quick_compile')``, before its other fixtures).
+
+  For modules of equivalences between many small programs, each run once or twice:
+  compiling them dominates (about half the time with it). Programs that are compared
+  are compiled alike; speed is measured by benchmarks, never in tests.
+  """
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)
