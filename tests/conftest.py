@@ -1,6 +1,5 @@
 """Shared pytest setup: the entry points' XLA flags, four fake CPU devices, a persistent
-compilation cache fixture shared by the session (and its pytest-xdist workers), and a
-quick-compilation fixture for modules that compile many programs and run each once."""
+compilation cache fixture shared by the session and its pytest-xdist workers."""
 
 import os
 
@@ -43,16 +42,3 @@ def compile_cache(tmp_path_factory):
     jax.config.update(name, value)
   compilation_cache.reset_cache()
 
-
-@pytest.fixture(scope='module')
-def quick_compile():
-  """XLA skips most LLVM optimisation in the module (``jax_disable_most_optimizations``;
-  ``pytestmark = pytest.mark.usefixtures('quick_compile')``, before its other fixtures).
-
-  For modules of equivalences between many small programs, each run once or twice:
-  compiling them dominates (about half the time with it). Programs that are compared
-  are compiled alike; speed is measured by benchmarks, never in tests.
-  """
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', False)

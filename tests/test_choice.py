@@ -28,9 +28,6 @@ from nar_jax.space import Node, SearchSpace, Stage
 
 from model_testing import random_variables
 
-# Many small programs, each run once or twice: compiling dominates (conftest.py).
-pytestmark = pytest.mark.usefixtures('quick_compile')
-
 TOL = dict(atol=1e-4, rtol=1e-4)
 # Whole-network gradients: the select superkernels sum in another order than the ops they
 # stand for, and these small random networks (batch 4, BatchNorm over a few values per

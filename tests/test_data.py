@@ -17,9 +17,6 @@ import pytest
 from nar_jax import data
 from nar_jax.data import sources
 
-# Many small programs, each run once or twice: compiling dominates (conftest.py).
-pytestmark = pytest.mark.usefixtures('quick_compile')
-
 # ---------------------------------------------------------------------------
 # Fixtures.
 

@@ -24,9 +24,6 @@ from nar_jax.models.resnet import ResNet
 from model_testing import random_variables
 import model_testing
 
-# Many small programs, each run once or twice: compiling dominates (conftest.py).
-pytestmark = pytest.mark.usefixtures('quick_compile')
-
 NUM_CLASSES = 5
 EMBEDDING = 16
 IMAGES = (4, 8, 8, 3)

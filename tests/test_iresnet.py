@@ -21,9 +21,6 @@ from nar_jax.models.resnet import ResNet
 
 from model_testing import random_variables, assert_gradients_follow_mask
 
-# Many small programs, each run once or twice: compiling dominates (conftest.py).
-pytestmark = pytest.mark.usefixtures('quick_compile')
-
 NUM_CLASSES = 5
 EMBEDDING = 16
 IMAGE_SHAPE = (4, 16, 16, 3)

@@ -22,9 +22,6 @@ from nar_jax.models import macro, nodes
 
 from model_testing import random_variables, leaf_paths, assert_gradients_follow_mask
 
-# Many small programs, each run once or twice: compiling dominates (conftest.py).
-pytestmark = pytest.mark.usefixtures('quick_compile')
-
 K = len(ops.OP_NAMES)
 NUM_CLASSES = 5
 IMAGE_SHAPE = (4, 8, 8, 3)

@@ -11,9 +11,6 @@ import pytest
 
 from nar_jax import ops
 
-# Many small programs, each run once or twice: compiling dominates (conftest.py).
-pytestmark = pytest.mark.usefixtures('quick_compile')
-
 # ---------------------------------------------------------------------------
 # Helpers.
 
