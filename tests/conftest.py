@@ -1,6 +1,5 @@
 """Shared pytest setup: the entry points' XLA flags, four fake CPU devices, a persistent
-compilation cache fixture shared by the session and its pytest-xdist workers, and the
-slowest modules first (so two workers finish together)."""
+compilation cache fixture shared by the session and its pytest-xdist workers."""
 
 import os
 
@@ -13,24 +12,6 @@ from nar_jax import train
 
 train.add_cpu_xla_flags()  # As the command-line entry points do.
 chex.set_n_cpu_devices(4)
-
-SLOWEST_MODULES = (
-    'test_notebooks.py', 'test_multiprocess.py', 'test_search_pipeline.py',
-    'test_faces_pipeline.py', 'test_choice.py', 'test_interruption.py',
-    'test_own_network.py', 'test_joint.py', 'test_bench.py', 'test_train.py',
-    'test_evaluate.py', 'test_models.py', 'test_controller_learning.py', 'test_face_head.py',
-    'test_iresnet.py', 'test_search_quality.py', 'test_imagenet.py', 'test_precision.py')
-"""Test modules by the seconds they took (``--durations=0`` on 2 workers, 2 cores: 467 s
-down to 61 s), slowest first; the others follow in their order. With ``--dist loadfile
---no-loadscope-reorder`` a worker that finishes a module takes the next one of this
-order, so the last modules to start are short (the longest-processing-time rule)."""
-
-
-def pytest_collection_modifyitems(items):
-  """Runs :data:`SLOWEST_MODULES` first, slowest first (a stable sort: tests within a
-  module keep their order)."""
-  rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope='session')
