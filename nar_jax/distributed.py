@@ -11,7 +11,7 @@ checkpoints from all processes together; process 0 alone writes ``config.json``,
 ``metrics.jsonl``, results, reports and progress lines (:func:`is_main_process`).
 
 With one process (no ``--coordinator_address``, no cluster) every function here is the
-identity of a single-process run: rows ``[0, B)``, process 0, no barrier.
+identity of a single-process run: rows ``[0, B)``, process 0, nothing to wait for.
 """
 
 from __future__ import annotations
@@ -107,12 +107,6 @@ def process_rows(global_size: int) -> slice:
                      f'processes; use a multiple of {count}')
   share = global_size // count
   return slice(index * share, (index + 1) * share)
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 def main_process_first(fn: Callable[[], T]) -> T | None:

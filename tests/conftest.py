@@ -41,4 +41,3 @@ def compile_cache(tmp_path_factory):
   for name, value in saved.items():
     jax.config.update(name, value)
   compilation_cache.reset_cache()
-

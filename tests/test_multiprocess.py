@@ -50,7 +50,6 @@ def test_a_single_process_is_the_whole_run():
   assert distributed.initialize() is False  # nothing asked: no jax.distributed
   assert distributed.is_main_process()
   assert distributed.process_rows(12) == slice(0, 12)
-  distributed.barrier('nothing to wait for')
   mesh = train.make_mesh(4)
   batch = np.arange(8 * 3).reshape(8, 3)
   chex.assert_trees_all_equal(np.asarray(train.shard(mesh, batch)), batch)
@@ -83,6 +82,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def run_together(commands: list[list[str]], env: dict[str, str],
+                 timeout: int) -> list[tuple[int, str]]:
+  """Starts every command at once; returns each one's (status, output). Any still
+  running when one times out is killed."""
+  procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for c in commands]
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]
+  finally:
+    for p in procs:
+      p.kill()
+
+
 def launch(workdir: str, cache: str, num_processes: int, devices: int,
            dies: int | None = None) -> list[tuple[int, str]]:
   """Runs the worker as ``num_processes`` processes; returns each one's (status, output).
@@ -92,19 +105,8 @@ def launch(workdir: str, cache: str, num_processes: int, devices: int,
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
   port = free_port()
   extra = lambda i: [str(KILLED_AFTER)] if i == dies else []
-  procs = [subprocess.Popen([sys.executable, WORKER, workdir, str(num_processes), str(i),
-                             str(port), str(devices), *extra(i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(num_processes)]
-  outputs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=TIMEOUT_S)
-      outputs.append((p.returncode, out))
-  finally:
-    for p in procs:
-      p.kill()
-  return outputs
+  return run_together([[sys.executable, WORKER, workdir, str(num_processes), str(i), str(port),
+                        str(devices), *extra(i)] for i in range(num_processes)], env, TIMEOUT_S)
 
 
 def check_finished(outputs: list[tuple[int, str]]) -> None:
@@ -199,16 +201,9 @@ def call_in_processes(call: str, workdir: str, devices=(1, 1), timeout=120):
   """Runs tests/multiprocess_calls.py's ``call`` as ``len(devices)`` processes (process i
   with ``devices[i]`` CPU devices); returns each one's (status, output)."""
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, CALLS, call, workdir, str(len(devices)), str(i),
-                             str(port), str(n)], env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i, n in enumerate(devices)]
-  try:
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    return [(p.returncode, out) for p, out in zip(procs, outputs)]
-  finally:
-    for p in procs:
-      p.kill()
+  return run_together([[sys.executable, CALLS, call, workdir, str(len(devices)), str(i),
+                        str(port), str(n)] for i, n in enumerate(devices)],
+                      dict(os.environ, JAX_PLATFORMS='cpu'), timeout)
 
 
 def test_an_error_of_process_zero_is_raised_on_every_process(tmp_path):
